@@ -1,0 +1,39 @@
+"""What handlers may reach: one ``Services`` value under one typed ``AppKey``.
+
+``app.py`` builds it; handlers read ``request.app[SERVICES]`` and nothing global.
+Optional components (drift, feedback, outbox) are None until their issue lands or
+when disabled in the config, and handlers say so plainly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from agent.clock import Clock
+from agent.config import Config
+from agent.events import PredictionEvent
+from agent.metrics import Metrics
+from agent.models.registry import Registry
+
+PredictionSink = Callable[[PredictionEvent], None]
+
+
+@dataclass(eq=False)
+class Services:
+    """The components behind the HTTP API (mutable: SIGHUP swaps ``config``)."""
+
+    config: Config
+    registry: Registry
+    metrics: Metrics
+    clock: Clock
+    on_prediction: PredictionSink = lambda event: None
+    rescan: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    accepting: bool = True
+
+
+SERVICES = web.AppKey("services", Services)

@@ -1,0 +1,239 @@
+"""KServe V2 / Open Inference Protocol REST handlers: decode, lease, infer, encode, emit.
+
+Handlers are thin: codecs turn bytes into ``InferRequest``; the registry hands out a
+leased version; its batcher runs the request; the response is encoded in the format
+the client reads; a ``PredictionEvent`` goes to the side taps. The request ``id`` (or
+a fresh one) is in every answer: it is the key for feedback.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from http import HTTPStatus
+
+import orjson
+from aiohttp import web
+
+from agent import __version__
+from agent.api import codec_binary, codec_json, codec_msgpack
+from agent.api.services import SERVICES, Services
+from agent.errors import AgentError, BadRequest, InferenceFailed, NotFound, UnsupportedMediaType
+from agent.events import PredictionEvent
+from agent.models.registry import LiveVersion
+from agent.tensors import Array, InferRequest, InferResponse, binary_outputs
+
+_MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
+#: Read as JSON. curl -d sends x-www-form-urlencoded; aiohttp defaults to octet-stream.
+_JSON_TYPES = frozenset({"application/json", "application/octet-stream", "text/plain",
+                         "application/x-www-form-urlencoded"})
+_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "x-gzip"})
+_HEADER = "Inference-Header-Content-Length"
+
+routes = web.RouteTableDef()
+
+
+def _json(doc: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
+@routes.get("/v2")
+async def server_metadata(request: web.Request) -> web.Response:
+    """Server name, version and protocol extensions."""
+    return _json(
+        {
+            "name": "edge-agent",
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "msgpack", "model_repository"],
+        }
+    )
+
+
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    """The process answers: it is alive."""
+    return _json({"live": True})
+
+
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Ready when accepting and every known model has a serving version."""
+    services = request.app[SERVICES]
+    if services.accepting and services.registry.ready():
+        return _json({"ready": True})
+    return _json(
+        {
+            "ready": False,
+            "error": "not ready: starting, stopping or a model has no "
+            "serving version (see GET /v1/models)",
+        },
+        status=503,
+    )
+
+
+def _version_arg(request: web.Request) -> int | None:
+    text = request.match_info.get("version")
+    if text is None or text == "":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise NotFound(f"version must be a positive integer, got {text!r}")
+    return int(text)
+
+
+@routes.get("/v2/models/{name}")
+@routes.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(request: web.Request) -> web.Response:
+    """Inputs and outputs of the active (or named) version."""
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    with services.registry.lease(name, _version_arg(request)) as live:
+        record = services.registry.records.get(name)
+        sig = live.runner.signature
+        return _json(
+            {
+                "name": name,
+                "versions": [str(v) for v in sorted(record.versions)] if record else [],
+                "platform": "onnxruntime_onnx",
+                "inputs": [
+                    {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                    for s in sig.inputs
+                ],
+                "outputs": [
+                    {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
+                    for s in sig.outputs
+                ],
+            }
+        )
+
+
+@routes.get("/v2/models/{name}/ready")
+@routes.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    """200 when the model (version) can take requests now."""
+    services = request.app[SERVICES]
+    name = request.match_info["name"]
+    with services.registry.lease(name, _version_arg(request)):
+        return _json({"name": name, "ready": True})
+
+
+@routes.post("/v2/models/{name}/infer")
+@routes.post("/v2/models/{name}/versions/{version}/infer")
+async def infer(request: web.Request) -> web.Response:
+    """Run one inference request in whatever wire format it came in."""
+    services = request.app[SERVICES]
+    start = time.perf_counter()
+    name = request.match_info["name"]
+    version = _version_arg(request)
+    request["model"] = name
+    body = await _read_body(request)
+    decoded, reply_as = _decode(request, body, services.config.server.max_elements)
+    request_id = decoded.id or request["request_id"]
+    request["request_id"] = request_id
+    with services.registry.lease(name, version) as live:
+        request["version"] = live.version
+        outputs = await _run(services, live, decoded)
+        latency = time.perf_counter() - start
+        live.stats.record(latency, failed=False)
+    services.metrics.requests.labels(name, str(live.version), "200").inc()
+    services.metrics.request_seconds.labels(name, str(live.version)).observe(latency)
+    response = InferResponse(
+        model_name=name,
+        model_version=str(live.version),
+        id=request_id,
+        outputs=outputs,
+        binary=binary_outputs(decoded, list(outputs)) if reply_as != "msgpack" else frozenset(),
+    )
+    services.on_prediction(
+        PredictionEvent(
+            request_id, name, live.version, services.clock.wall(), decoded.inputs, outputs, latency
+        )
+    )
+    return _encode(response, _reply_format(request, reply_as))
+
+
+async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> dict[str, Array]:
+    """Check the request against the version and run it; count the version's failures."""
+    try:
+        live.runner.signature.check(decoded, live.name)
+        wanted = (
+            tuple(o.name for o in decoded.outputs)
+            if decoded.outputs is not None
+            else live.runner.signature.output_names
+        )
+        services.metrics.inflight.inc()
+        try:
+            return await live.batcher.infer(decoded.inputs, wanted)
+        finally:
+            services.metrics.inflight.dec()
+    except (BadRequest, InferenceFailed) as exc:
+        # A version that rejects live traffic is unhealthy: probation counts these.
+        live.stats.record(0.0, failed=True)
+        code = str(int(exc.status))
+        services.metrics.requests.labels(live.name, str(live.version), code).inc()
+        raise
+    except AgentError as exc:
+        services.metrics.requests.labels(live.name, str(live.version), str(int(exc.status))).inc()
+        raise
+
+
+async def _read_body(request: web.Request) -> bytes:
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _ENCODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate"
+        )
+    try:
+        return await request.read()  # aiohttp inflates gzip/deflate within client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except Exception as exc:
+        raise BadRequest(f"cannot read the request body ({exc}); check Content-Encoding") from exc
+
+
+def _decode(request: web.Request, body: bytes, max_elements: int) -> tuple[InferRequest, str]:
+    """Decode by the rules of SPEC section 4; returns the request and its wire format."""
+    header = request.headers.get(_HEADER)
+    if header is not None:
+        length = codec_binary.parse_header_length(header)
+        return codec_binary.decode_request(body, length, max_elements=max_elements), "binary"
+    ctype = request.content_type
+    if ctype in _MSGPACK_TYPES:
+        return codec_msgpack.decode_request(body, max_elements=max_elements), "msgpack"
+    if ctype in _JSON_TYPES or ctype.endswith("+json") or not ctype:
+        return codec_json.decode_request(body, max_elements=max_elements), "json"
+    raise UnsupportedMediaType(
+        f"Content-Type {ctype!r} is not supported; send application/json, application/msgpack, "
+        f"or the binary extension with the {_HEADER} header"
+    )
+
+
+def _reply_format(request: web.Request, decoded_as: str) -> str:
+    accept = request.headers.get("Accept", "")
+    if "msgpack" in accept:
+        return "msgpack"
+    if "application/json" in accept and decoded_as == "msgpack":
+        return "json"
+    return decoded_as
+
+
+def _encode(response: InferResponse, fmt: str) -> web.Response:
+    if fmt == "msgpack":
+        return web.Response(
+            body=codec_msgpack.encode_response(response), content_type="application/msgpack"
+        )
+    body, header_length = codec_binary.encode_response(response)
+    if header_length is None:
+        return web.Response(body=body, content_type="application/json")
+    return web.Response(
+        body=body,
+        content_type="application/octet-stream",
+        headers={_HEADER: str(header_length)},
+    )
+
+
+def new_request_id() -> str:
+    """A fresh, unique request id."""
+    return uuid.uuid4().hex
+
+
+__all__ = ["HTTPStatus", "routes"]

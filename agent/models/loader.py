@@ -1,0 +1,162 @@
+"""The go-live checks for one stored model version, run off the event loop.
+
+``prepare`` builds the onnxruntime session, checks the signature against the active
+version, runs QA (the manifest's test vectors, else a smoke inference on a synthetic
+input of the declared shape) and warms up, all on a bounded load executor and within
+``max_load_s``. It returns a ready ``OrtRunner`` or raises ``ModelLoadError`` naming the
+step that failed. It must not touch the registry: swapping is the registry's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.errors import AgentError, ModelLoadError
+from agent.inference.session import OrtRunner, SessionSettings
+from agent.inference.signature import ModelSignature
+from agent.models.store import Bundle
+from agent.tensors import V2_TO_NUMPY, Array, TensorSpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadSettings:
+    """How versions are loaded; ``[models]`` in the config, overridden by the manifest."""
+
+    session: SessionSettings
+    max_load_s: float = 60.0
+    warmup_runs: int = 3
+
+
+async def prepare(
+    bundle: Bundle,
+    settings: LoadSettings,
+    executor: Executor,
+    active: ModelSignature | None,
+) -> OrtRunner:
+    """Build, check, QA and warm up a version within its time budget."""
+    manifest = bundle.manifest
+    budget = manifest.max_load_s if manifest and manifest.max_load_s else settings.max_load_s
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(executor, _build, bundle, settings, active)
+    try:
+        return await asyncio.wait_for(work, budget)
+    except TimeoutError:
+        raise ModelLoadError(
+            "timeout",
+            f"loading, QA and warm-up took longer than max_load_s = {budget:g} s; raise "
+            "[validation] max_load_s in the manifest or [models] max_load_s in the config",
+        ) from None
+
+
+def _build(bundle: Bundle, settings: LoadSettings, active: ModelSignature | None) -> OrtRunner:
+    runner = OrtRunner(bundle.model_path, settings.session)
+    manifest = bundle.manifest
+    if active is not None and not (manifest and manifest.signature_change):
+        problems = runner.signature.compatible_with(active)
+        if problems:
+            raise ModelLoadError(
+                "signature",
+                "; ".join(problems)
+                + " (compared with the active version; if the change is intended, set "
+                "[rollout] signature_change = true in the manifest)",
+            )
+    if manifest and manifest.test_vectors:
+        _run_test_vectors(runner, bundle, manifest.rtol, manifest.atol)
+    else:
+        _smoke(runner)
+    warmups = manifest.warmup_runs if manifest and manifest.warmup_runs is not None else None
+    _warm_up(runner, settings.warmup_runs if warmups is None else warmups)
+    return runner
+
+
+def synthetic_inputs(signature: ModelSignature, rows: int = 1) -> dict[str, Array]:
+    """An input of the declared shapes (dynamic dims = ``rows`` first, 1 elsewhere)."""
+    return {spec.name: _synthetic(spec, rows) for spec in signature.inputs}
+
+
+def _synthetic(spec: TensorSpec, rows: int) -> Array:
+    shape = [d if d >= 0 else (rows if i == 0 else 1) for i, d in enumerate(spec.shape)]
+    if spec.datatype == "BYTES":
+        return np.full(shape, b"edge agent smoke test", dtype=object)
+    return np.zeros(shape, dtype=V2_TO_NUMPY[spec.datatype])
+
+
+def _smoke(runner: OrtRunner) -> None:
+    try:
+        runner.run(synthetic_inputs(runner.signature), runner.signature.output_names)
+    except Exception as exc:
+        raise ModelLoadError(
+            "qa",
+            f"smoke inference on a synthetic input of the declared shape failed: {_why(exc)}; "
+            "give the manifest [validation] test_vectors if the model needs realistic input",
+        ) from exc
+
+
+def _warm_up(runner: OrtRunner, runs: int) -> None:
+    inputs = synthetic_inputs(runner.signature)
+    for _ in range(runs):
+        try:
+            runner.run(inputs, runner.signature.output_names)
+        except Exception as exc:
+            raise ModelLoadError("warmup", _why(exc)) from exc
+
+
+def _run_test_vectors(runner: OrtRunner, bundle: Bundle, rtol: float, atol: float) -> None:
+    vectors = _read_vectors(bundle)
+    inputs = {s.name: vectors[s.name] for s in runner.signature.inputs if s.name in vectors}
+    missing = [s.name for s in runner.signature.inputs if s.name not in vectors]
+    expected = {
+        k.removeprefix("expected/"): v for k, v in vectors.items() if k.startswith("expected/")
+    }
+    if missing or not expected:
+        raise ModelLoadError(
+            "qa",
+            f"test vectors must hold every input ({', '.join(missing) or 'ok'} missing) and at "
+            "least one 'expected/<output>' array",
+        )
+    try:
+        got = runner.run(inputs, tuple(expected))
+    except Exception as exc:
+        raise ModelLoadError("qa", f"the model failed on its test vectors: {_why(exc)}") from exc
+    for name, want in expected.items():
+        _compare(name, got[name], want, rtol, atol)
+
+
+def _read_vectors(bundle: Bundle) -> dict[str, Array]:
+    vectors = bundle.manifest.test_vectors if bundle.manifest else None
+    path = bundle.dir / (vectors or "")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError("qa", f"cannot read test vectors {path.name}: {exc}") from exc
+
+
+def _compare(name: str, got: Array, want: Array, rtol: float, atol: float) -> None:
+    if got.shape != want.shape:
+        raise ModelLoadError(
+            "qa",
+            f'output "{name}": shape {list(got.shape)}, test vectors expect {list(want.shape)}',
+        )
+    if got.dtype.kind in "fc":
+        close = np.isclose(got, want.astype(got.dtype), rtol=rtol, atol=atol)
+    else:
+        close = got == want.astype(got.dtype)
+    if not bool(np.all(close)):
+        bad = int(np.size(close) - np.count_nonzero(close))
+        raise ModelLoadError(
+            "qa",
+            f'output "{name}": {bad} of {close.size} values differ from the test vectors '
+            f"beyond rtol={rtol:g}, atol={atol:g}",
+        )
+
+
+def _why(exc: BaseException) -> str:
+    text: Any = exc.message if isinstance(exc, AgentError) else str(exc)
+    return str(text).strip().splitlines()[0][:500] if str(text).strip() else type(exc).__name__
