@@ -146,6 +146,8 @@ def _safe_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with src.open("rb") as fin, tmp.open("wb") as fout:
+        # The agent reads the drop dir through the deploy group (see systemd/): g+r.
+        os.fchmod(fout.fileno(), 0o640)
         shutil.copyfileobj(fin, fout, 1 << 20)
         fout.flush()
         os.fsync(fout.fileno())

@@ -18,7 +18,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from agent.api.services import SERVICES
+from agent.api.services import MODEL, REQUEST_ID, SERVICES, VERSION
 from agent.errors import AgentError, Forbidden, Unauthorized
 
 log = structlog.get_logger("edge_agent.access")
@@ -83,7 +83,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Request id, auth, error rendering and the access log line for every request."""
     start = time.perf_counter()
     request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     try:
         _check_auth(request)
         response = await handler(request)
@@ -96,24 +96,24 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "request_failed",
             request_id=request_id,
             path=request.path,
-            model=request.get("model"),
-            version=request.get("version"),
+            model=request.get(MODEL),
+            version=request.get(VERSION),
         )
         response = error_response(
             HTTPStatus.INTERNAL_SERVER_ERROR,
             f"internal error (request id {request_id}); this is a bug, please report it "
             "with the agent's log line for this request id",
         )
-    response.headers.setdefault("X-Request-ID", request.get("request_id", request_id))
+    response.headers.setdefault("X-Request-ID", request.get(REQUEST_ID, request_id))
     if request.app[SERVICES].config.log.access_log:
         log.info(
             "request",
-            request_id=request.get("request_id", request_id),
+            request_id=request.get(REQUEST_ID, request_id),
             method=request.method,
             path=request.path,
             status=response.status,
-            model=request.get("model"),
-            version=request.get("version"),
+            model=request.get(MODEL),
+            version=request.get(VERSION),
             duration_ms=round((time.perf_counter() - start) * 1000, 3),
         )
     return response

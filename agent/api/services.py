@@ -37,3 +37,7 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+#: Per-request values the middleware and handlers share (for the access log line).
+REQUEST_ID = web.RequestKey("request_id", str)
+MODEL = web.RequestKey("model", str)
+VERSION = web.RequestKey("version", int)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.api import codec_binary, codec_json, codec_msgpack
-from agent.api.services import SERVICES, Services
+from agent.api.services import MODEL, REQUEST_ID, SERVICES, VERSION, Services
 from agent.errors import AgentError, BadRequest, InferenceFailed, NotFound, UnsupportedMediaType
 from agent.events import PredictionEvent
 from agent.models.registry import LiveVersion
@@ -124,13 +124,13 @@ async def infer(request: web.Request) -> web.Response:
     start = time.perf_counter()
     name = request.match_info["name"]
     version = _version_arg(request)
-    request["model"] = name
+    request[MODEL] = name
     body = await _read_body(request)
     decoded, reply_as = _decode(request, body, services.config.server.max_elements)
-    request_id = decoded.id or request["request_id"]
-    request["request_id"] = request_id
+    request_id = decoded.id or request[REQUEST_ID]
+    request[REQUEST_ID] = request_id
     with services.registry.lease(name, version) as live:
-        request["version"] = live.version
+        request[VERSION] = live.version
         outputs = await _run(services, live, decoded)
         latency = time.perf_counter() - start
         live.stats.record(latency, failed=False)

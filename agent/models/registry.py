@@ -117,7 +117,8 @@ class Registry:
         self.records: dict[str, ModelRecord] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._save_lock = asyncio.Lock()
-        self._inflight: set[str] = set()  # hashes being loaded: never pruned from the store
+        self._inflight: set[str] = set()
+        self._ingests = 0  # hashes being loaded: never pruned from the store
 
     # -- serving -------------------------------------------------------------------------
 
@@ -178,25 +179,34 @@ class Registry:
         """Validate a dropped file and make it the active version; None if nothing to do."""
         entry = self.models.setdefault(candidate.name, ModelEntry(candidate.name))
         async with entry.lock:
+            self._ingests += 1
             try:
                 bundle = await asyncio.to_thread(self.store.ingest, candidate)
             except AgentError as exc:
                 await self._failed(entry, None, exc, mark_bad=False)
                 return None
-            record = self.records.setdefault(candidate.name, ModelRecord())
-            if bundle.sha256 in record.bad or record.version_of(bundle.sha256) is not None:
-                if entry.active is None and entry.state == "loading":
-                    entry.state = "failed"
-                return None  # the same bytes again: already live, stored, or refused
-            self._inflight.add(bundle.sha256)
+            finally:
+                self._ingests -= 1
+            self._inflight.add(bundle.sha256)  # before the next await: never pruned mid-load
             try:
-                version = self._version_for(candidate, bundle, record)
-                return await self._go_live(entry, bundle, version, "deployed")
-            except AgentError as exc:
-                await self._failed(entry, bundle.sha256, exc, mark_bad=True)
-                return None
+                return await self._deploy_bundle(entry, candidate, bundle)
             finally:
                 self._inflight.discard(bundle.sha256)
+
+    async def _deploy_bundle(
+        self, entry: ModelEntry, candidate: Candidate, bundle: Bundle
+    ) -> LiveVersion | None:
+        record = self.records.setdefault(candidate.name, ModelRecord())
+        if bundle.sha256 in record.bad or record.version_of(bundle.sha256) is not None:
+            if entry.active is None and entry.state == "loading":
+                entry.state = "failed"
+            return None  # the same bytes again: already live, stored, or refused
+        try:
+            version = self._version_for(candidate, bundle, record)
+            return await self._go_live(entry, bundle, version, "deployed")
+        except AgentError as exc:
+            await self._failed(entry, bundle.sha256, exc, mark_bad=True)
+            return None
 
     async def rollback(self, name: str, to: int | None = None, *, reason: str = "") -> LiveVersion:
         """Reactivate a stored version (default: the previous one) and mark the current bad."""
@@ -496,7 +506,8 @@ class Registry:
             await asyncio.to_thread(self.store.save_state, self.records)
         keep = {v.sha256 for rec in self.records.values() for v in rec.versions.values()}
         keep |= self._inflight
-        await asyncio.to_thread(self.store.prune, keep)
+        if not self._ingests:  # a copy in progress is not in any record yet
+            await asyncio.to_thread(self.store.prune, keep)
 
     def _emit(
         self, kind: ModelEventKind, model: str, version: int | None, detail: dict[str, Any]
