@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up .venv, start edge-agent on the bundled example models, run a scripted tour
+# (predictions, hot swap, refusal, rollback, ...), then stop the agent. Exits 0 on success.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv with $("$PYTHON" --version)"
+    "$PYTHON" -m venv .venv
+fi
+echo "== installing edge-agent"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e . 2>&1 \
+    | grep -v "^WARNING: Location" || true
+
+work="$(mktemp -d)"
+agent_pid=""
+cleanup() {
+    if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
+        kill -TERM "$agent_pid" 2>/dev/null || true
+        wait "$agent_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# A drop dir with the examples, a private state dir, an ephemeral port.
+mkdir -p "$work/models"
+chmod 755 "$work/models"
+cp -r examples/models/. "$work/models/"
+cat > "$work/config.toml" <<TOML
+[server]
+port = 0
+[models]
+dir = "$work/models"
+settle_ms = 200
+probation_s = 0
+[state]
+dir = "$work/state"
+[log]
+format = "json"
+access_log = false
+TOML
+
+echo "== starting edge-agent (log: $work/agent.log)"
+.venv/bin/edge-agent run --config "$work/config.toml" 2>"$work/agent.log" &
+agent_pid=$!
+port=""
+for _ in $(seq 1 150); do
+    port="$(sed -n 's/.*"port":\([0-9]*\).*"event":"server_listening".*/\1/p' "$work/agent.log" | head -n1)"
+    [ -n "$port" ] && break
+    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent.log"; echo "agent exited"; exit 1; }
+    sleep 0.2
+done
+[ -n "$port" ] || { cat "$work/agent.log"; echo "agent did not start"; exit 1; }
+echo "== agent pid $agent_pid listening on http://127.0.0.1:$port"
+
+.venv/bin/python scripts/demo_tour.py --url "http://127.0.0.1:$port" --drop "$work/models"
+
+echo "== stopping edge-agent (SIGTERM: drain, flush, exit 0)"
+kill -TERM "$agent_pid"
+status=0
+wait "$agent_pid" || status=$?
+agent_pid=""
+echo "agent exited with status $status"
+exit "$status"
