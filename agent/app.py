@@ -47,8 +47,13 @@ _PROBATION_TICK_S = 0.5
 def batch_settings(config: Config) -> BatchSettings:
     """``[batching]`` as the batcher takes it."""
     b = config.batching
-    return BatchSettings(enabled=b.enabled, max_batch_size=b.max_batch_size,
-                         max_delay_ms=b.max_delay_ms, max_queue=b.max_queue, workers=b.workers)
+    return BatchSettings(
+        enabled=b.enabled,
+        max_batch_size=b.max_batch_size,
+        max_delay_ms=b.max_delay_ms,
+        max_queue=b.max_queue,
+        workers=b.workers,
+    )
 
 
 def registry_settings(config: Config) -> RegistrySettings:
@@ -57,8 +62,10 @@ def registry_settings(config: Config) -> RegistrySettings:
     return RegistrySettings(
         load=LoadSettings(
             session=SessionSettings(
-                providers=m.providers, intra_op_threads=m.intra_op_threads,
-                inter_op_threads=m.inter_op_threads, graph_optimization=m.graph_optimization,
+                providers=m.providers,
+                intra_op_threads=m.intra_op_threads,
+                inter_op_threads=m.inter_op_threads,
+                graph_optimization=m.graph_optimization,
             ),
             max_load_s=m.max_load_s,
             warmup_runs=m.warmup_runs,
@@ -67,8 +74,10 @@ def registry_settings(config: Config) -> RegistrySettings:
         keep_versions=m.keep_versions,
         swap=m.swap,
         probation=ProbationPolicy(
-            probation_s=m.probation_s, max_error_rate=m.max_error_rate,
-            max_p99_ratio=m.max_p99_ratio, min_requests=m.min_probation_requests,
+            probation_s=m.probation_s,
+            max_error_rate=m.max_error_rate,
+            max_p99_ratio=m.max_p99_ratio,
+            min_requests=m.min_probation_requests,
         ),
     )
 
@@ -96,11 +105,14 @@ def _observer(metrics: Metrics) -> Any:
         rows_h = metrics.batch_rows.labels(*labels)
         reqs_h = metrics.batch_requests.labels(*labels)
         compute_h = metrics.compute_seconds.labels(*labels)
+        queue_h = metrics.queue_seconds.labels(*labels)
 
-        def observe(rows: int, requests: int, seconds: float) -> None:
+        def observe(rows: int, requests: int, seconds: float, waits: list[float]) -> None:
             rows_h.observe(rows)
             reqs_h.observe(requests)
             compute_h.observe(seconds)
+            for wait in waits:
+                queue_h.observe(wait)
 
         return observe
 
@@ -133,8 +145,12 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
         load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         store = await asyncio.to_thread(Store, state_dir)
         registry = Registry(
-            store, registry_settings(config), load_executor=load_pool,
-            infer_executor=infer_pool, clock=clock, on_event=_on_model_event(metrics),
+            store,
+            registry_settings(config),
+            load_executor=load_pool,
+            infer_executor=infer_pool,
+            clock=clock,
+            on_event=_on_model_event(metrics),
             observer=_observer(metrics),
         )
         app[REGISTRY] = registry
@@ -154,17 +170,27 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
 
 def _export_registry_gauges(metrics: Metrics, registry: Registry) -> None:
     def queue_depth() -> list[tuple[tuple[str, ...], float]]:
-        return [((e.name, str(e.active.version)), float(e.active.batcher.queue_depth))
-                for e in registry.models.values() if e.active is not None]
+        return [
+            ((e.name, str(e.active.version)), float(e.active.batcher.queue_depth))
+            for e in registry.models.values()
+            if e.active is not None
+        ]
 
     def model_state() -> list[tuple[tuple[str, ...], float]]:
-        return [((e.name, str(e.active.version if e.active else ""), e.state), 1.0)
-                for e in registry.models.values()]
+        return [
+            ((e.name, str(e.active.version if e.active else ""), e.state), 1.0)
+            for e in registry.models.values()
+        ]
 
-    metrics.gauge("edge_agent_queue_depth", "Requests waiting for a batch.", ("model", "version"),
-                  queue_depth)
-    metrics.gauge("edge_agent_model_state", "1 for the current state of each model.",
-                  ("model", "version", "state"), model_state)
+    metrics.gauge(
+        "edge_agent_queue_depth", "Requests waiting for a batch.", ("model", "version"), queue_depth
+    )
+    metrics.gauge(
+        "edge_agent_model_state",
+        "1 for the current state of each model.",
+        ("model", "version", "state"),
+        model_state,
+    )
 
 
 async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -180,8 +206,14 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     remove = registry.unload if config.models.on_remove == "unload" else None
-    watcher = Watcher(root, settle_ms=config.models.settle_ms, rescan_s=config.models.rescan_s,
-                      clock=services.clock, on_ready=registry.deploy, on_remove=remove)
+    watcher = Watcher(
+        root,
+        settle_ms=config.models.settle_ms,
+        rescan_s=config.models.rescan_s,
+        clock=services.clock,
+        on_ready=registry.deploy,
+        on_remove=remove,
+    )
     app[WATCHER] = watcher
     services.rescan = watcher.rescan
     await watcher.initial_load()
@@ -228,11 +260,26 @@ def read_tokens(config: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 #: Keys a SIGHUP applies in place; every other changed key needs a restart.
-LIVE_PREFIXES = ("log.", "auth.", "batching.max_batch_size", "batching.max_delay_ms",
-                 "batching.max_queue", "batching.enabled", "drift.", "upstream.", "capture.",
-                 "models.probation_s", "models.max_error_rate", "models.max_p99_ratio",
-                 "models.min_probation_requests", "models.warmup_runs", "models.max_load_s",
-                 "models.keep_versions", "server.max_elements", "feedback.input_sample_rate")
+LIVE_PREFIXES = (
+    "log.",
+    "auth.",
+    "batching.max_batch_size",
+    "batching.max_delay_ms",
+    "batching.max_queue",
+    "batching.enabled",
+    "drift.",
+    "upstream.",
+    "capture.",
+    "models.probation_s",
+    "models.max_error_rate",
+    "models.max_p99_ratio",
+    "models.min_probation_requests",
+    "models.warmup_runs",
+    "models.max_load_s",
+    "models.keep_versions",
+    "server.max_elements",
+    "feedback.input_sample_rate",
+)
 
 
 def reconfigure(app: web.Application, new: Config) -> tuple[list[str], list[str]]:

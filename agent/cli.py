@@ -79,10 +79,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("EDGE_AGENT_URL", _DEFAULT_URL),
-                        help=f"agent URL (default $EDGE_AGENT_URL or {_DEFAULT_URL})")
-    parser.add_argument("--token", default=os.environ.get("EDGE_AGENT_TOKEN"),
-                        help="admin bearer token (default $EDGE_AGENT_TOKEN)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("EDGE_AGENT_URL", _DEFAULT_URL),
+        help=f"agent URL (default $EDGE_AGENT_URL or {_DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EDGE_AGENT_TOKEN"),
+        help="admin bearer token (default $EDGE_AGENT_TOKEN)",
+    )
 
 
 # -- run / check-config ------------------------------------------------------------------
@@ -166,7 +172,8 @@ def _call(args: argparse.Namespace, method: str, path: str, body: object = None)
     if not args.url.startswith(("http://", "https://")):
         raise AgentError(f"--url must start with http:// or https://, got {args.url!r}")
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
+    url = args.url.rstrip("/") + path  # scheme checked above: http(s) only
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
     request.add_header("Content-Type", "application/json")
     if args.token:
         request.add_header("Authorization", f"Bearer {args.token}")
@@ -197,8 +204,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     rows = [_status_row(m) for m in doc.get("models", [])]
-    header = ("MODEL", "ACTIVE", "VERSIONS", "STATE", "PROBATION", "DRIFT", "REQUESTS",
-              "LAST ERROR")
+    header = (
+        "MODEL",
+        "ACTIVE",
+        "VERSIONS",
+        "STATE",
+        "PROBATION",
+        "DRIFT",
+        "REQUESTS",
+        "LAST ERROR",
+    )
     print(_table([header, *rows]))
     outbox = doc.get("outbox")
     if outbox:
@@ -223,5 +238,6 @@ def _status_row(m: dict[str, Any]) -> tuple[str, ...]:
 
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )

@@ -56,34 +56,51 @@ class Metrics:
             "edge_agent_requests", "Inference requests by outcome.", (*MV, "code"), registry=r
         )
         self.request_seconds = Histogram(
-            "edge_agent_request_duration_seconds", "End-to-end inference request latency.",
-            MV, buckets=_LATENCY, registry=r,
+            "edge_agent_request_duration_seconds",
+            "End-to-end inference request latency.",
+            MV,
+            buckets=_LATENCY,
+            registry=r,
         )
         self.queue_seconds = Histogram(
-            "edge_agent_queue_duration_seconds", "Time a request waited for its batch to run.",
-            MV, buckets=_LATENCY, registry=r,
+            "edge_agent_queue_duration_seconds",
+            "Time a request waited for its batch to run.",
+            MV,
+            buckets=_LATENCY,
+            registry=r,
         )
         self.compute_seconds = Histogram(
-            "edge_agent_compute_duration_seconds", "onnxruntime time per batch.",
-            MV, buckets=_LATENCY, registry=r,
+            "edge_agent_compute_duration_seconds",
+            "onnxruntime time per batch.",
+            MV,
+            buckets=_LATENCY,
+            registry=r,
         )
         self.batch_rows = Histogram(
             "edge_agent_batch_rows", "Rows per executed batch.", MV, buckets=_ROWS, registry=r
         )
         self.batch_requests = Histogram(
-            "edge_agent_batch_requests", "Requests merged per executed batch.", MV,
-            buckets=_ROWS, registry=r,
+            "edge_agent_batch_requests",
+            "Requests merged per executed batch.",
+            MV,
+            buckets=_ROWS,
+            registry=r,
         )
         self.inflight = Gauge(
             "edge_agent_inflight_requests", "Inference requests being served now.", registry=r
         )
         self.loads = Counter(
-            "edge_agent_model_loads", "Model version loads by result.", ("model", "result"),
+            "edge_agent_model_loads",
+            "Model version loads by result.",
+            ("model", "result"),
             registry=r,
         )
         self.load_seconds = Histogram(
-            "edge_agent_model_load_duration_seconds", "Load, QA and warm-up time of a version.",
-            ("model",), buckets=_LOAD, registry=r,
+            "edge_agent_model_load_duration_seconds",
+            "Load, QA and warm-up time of a version.",
+            ("model",),
+            buckets=_LOAD,
+            registry=r,
         )
         self.swaps = Counter(
             "edge_agent_model_swaps", "Active version changes.", ("model",), registry=r

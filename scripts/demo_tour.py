@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def call(url: str, method: str = "GET", body: bytes | None = None,
-         ctype: str = "application/json") -> tuple[int, Any]:
+def call(
+    url: str, method: str = "GET", body: bytes | None = None, ctype: str = "application/json"
+) -> tuple[int, Any]:
     """One HTTP call; returns status and the decoded body (JSON or msgpack)."""
     req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype})
     try:
@@ -50,8 +51,17 @@ def cli(*args: str) -> None:
 
 def predict_tabular(base: str, rows: np.ndarray, request_id: str) -> dict[str, Any]:
     """JSON request to the tabular model; returns the response."""
-    doc = {"id": request_id, "inputs": [{"name": "float_input", "shape": list(rows.shape),
-                                         "datatype": "FP32", "data": rows.ravel().tolist()}]}
+    doc = {
+        "id": request_id,
+        "inputs": [
+            {
+                "name": "float_input",
+                "shape": list(rows.shape),
+                "datatype": "FP32",
+                "data": rows.ravel().tolist(),
+            }
+        ],
+    }
     status, body = call(f"{base}/v2/models/breast_cancer/infer", "POST", json.dumps(doc).encode())
     if status != 200:
         raise SystemExit(f"prediction failed: {status} {body}")
@@ -65,32 +75,45 @@ def tour_predictions(base: str) -> None:
     step("Tabular model over JSON: breast_cancer, 3 rows")
     body = predict_tabular(base, rows, "demo-tabular-1")
     outs = {o["name"]: o for o in body["outputs"]}
-    print(f"id={body['id']} version={body['model_version']} "
-          f"labels={[labels[i] for i in outs['label']['data']]}")
+    print(
+        f"id={body['id']} version={body['model_version']} "
+        f"labels={[labels[i] for i in outs['label']['data']]}"
+    )
 
     step("Image model over msgpack (raw little-endian tensor bytes): digits, 4 images")
     images = np.load(EXAMPLES / "data" / "digits_images.npy")[:4].astype("<f4")
     want = np.load(EXAMPLES / "data" / "digits_labels.npy")[:4]
-    doc = {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32",
-                       "data": images.tobytes()}]}
-    status, body = call(f"{base}/v2/models/digits/infer", "POST", msgpack.packb(doc),
-                        "application/msgpack")
+    doc = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": list(images.shape),
+                "datatype": "FP32",
+                "data": images.tobytes(),
+            }
+        ]
+    }
+    status, body = call(
+        f"{base}/v2/models/digits/infer", "POST", msgpack.packb(doc), "application/msgpack"
+    )
     label = next(o for o in body["outputs"] if o["name"] == "label")
     got = np.frombuffer(label["data"], dtype="<i8")
     print(f"status={status} predicted={got.tolist()} true={want.tolist()}")
 
     step("Text model over JSON (BYTES tensor): sentiment")
     texts = json.loads((EXAMPLES / "data" / "sentiment_texts.json").read_text())[:4]
-    doc = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
-                       "data": texts}]}
+    doc = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
     status, body = call(f"{base}/v2/models/sentiment/infer", "POST", json.dumps(doc).encode())
     label = next(o for o in body["outputs"] if o["name"] == "label")
     for text, value in zip(texts, label["data"], strict=True):
         print(f"  {['negative', 'positive'][value]:>8}  {text}")
 
     step("A bad request gets a clear error")
-    doc = {"inputs": [{"name": "float_input", "shape": [1, 5], "datatype": "FP32",
-                       "data": [1, 2, 3, 4, 5]}]}
+    doc = {
+        "inputs": [
+            {"name": "float_input", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}
+        ]
+    }
     status, body = call(f"{base}/v2/models/breast_cancer/infer", "POST", json.dumps(doc).encode())
     print(f"status={status} error={body['error']}")
 
@@ -110,15 +133,31 @@ def tour_release(base: str, drop: Path) -> None:
     """Hot swap, a refused corrupt file, rollback."""
     rows = np.load(EXAMPLES / "data" / "breast_cancer_rows.npy")[:1]
     step("Hot swap: deploy version 2 of breast_cancer (gradient boosting) while serving")
-    cli("deploy", str(EXAMPLES / "models_v2" / "breast_cancer.onnx"), "--name", "breast_cancer",
-        "--manifest", str(EXAMPLES / "models_v2" / "breast_cancer.toml"), "--dir", str(drop))
+    cli(
+        "deploy",
+        str(EXAMPLES / "models_v2" / "breast_cancer.onnx"),
+        "--name",
+        "breast_cancer",
+        "--manifest",
+        str(EXAMPLES / "models_v2" / "breast_cancer.toml"),
+        "--dir",
+        str(drop),
+    )
     wait_version(base, 2)
     body = predict_tabular(base, rows, "demo-after-swap")
     print(f"now answering: version {body['model_version']}")
 
     step("A half-copied model is refused; version 2 keeps serving")
-    cli("deploy", str(EXAMPLES / "models_bad" / "breast_cancer.onnx"), "--name", "breast_cancer",
-        "--version", "3", "--dir", str(drop))
+    cli(
+        "deploy",
+        str(EXAMPLES / "models_bad" / "breast_cancer.onnx"),
+        "--name",
+        "breast_cancer",
+        "--version",
+        "3",
+        "--dir",
+        str(drop),
+    )
     deadline = time.monotonic() + 20
     doc: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -56,8 +56,7 @@ def agent_config(tmp: Path, overrides: dict[str, dict[str, Any]] | None = None) 
     """A config for a test agent: ephemeral port, dirs under ``tmp``, fast settling."""
     sections: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0},
-        "models": {"dir": tmp / "models", "settle_ms": 100, "rescan_s": 2.0,
-                   "probation_s": 0.0},
+        "models": {"dir": tmp / "models", "settle_ms": 100, "rescan_s": 2.0, "probation_s": 0.0},
         "state": {"dir": tmp / "state"},
         "log": {"level": "warning", "format": "json"},
     }
@@ -88,8 +87,9 @@ class Agent:
         """The drop directory."""
         return Path(self.config.models.dir)
 
-    async def infer_json(self, model: str, doc: dict[str, Any],
-                         version: int | None = None) -> tuple[int, dict[str, Any]]:
+    async def infer_json(
+        self, model: str, doc: dict[str, Any], version: int | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """POST a V2 JSON request; returns status and decoded JSON body."""
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
         async with self.client.post(self.url + path, json=doc) as resp:
@@ -158,8 +158,9 @@ def models() -> dict[str, bytes]:
     }
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
-                   interval: float = 0.05) -> None:
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05
+) -> None:
     """Poll until ``predicate()`` is true; fail the test after ``timeout`` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():

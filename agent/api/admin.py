@@ -84,7 +84,12 @@ async def list_models(request: web.Request) -> web.Response:
     """Every model: active version, stored versions, state, errors, probation, history."""
     services = request.app[SERVICES]
     models = [describe_model(services, e) for _, e in sorted(services.registry.models.items())]
-    return _json({"models": models})
+    drop_dir = {
+        "path": str(services.config.models.dir),
+        "error": services.extras.get("drop_dir_error"),
+    }
+    extra = {key: fn() for key, fn in services.extras.get("status_sections", {}).items()}
+    return _json({"models": models, "drop_dir": drop_dir, **extra})
 
 
 @routes.get("/v1/models/{name}")

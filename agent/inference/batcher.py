@@ -40,8 +40,8 @@ from agent.tensors import Array
 log = structlog.get_logger(__name__)
 
 Outputs = dict[str, Array]
-#: Called after each run with (rows, requests, seconds spent in the executor).
-RunObserver = Callable[[int, int, float], None]
+#: Called after each run with (rows, requests, seconds in onnxruntime, each request's queue wait).
+RunObserver = Callable[[int, int, float, list[float]], None]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,7 +221,8 @@ class Batcher:
             results = [exc] if alone else [self._run_alone(item) for item in batch]
         if self._observe is not None:
             elapsed = self._clock.monotonic() - start
-            self._observe(sum(i.rows for i in batch), len(batch), elapsed)
+            waits = [i.queued_s for i in batch]
+            self._observe(sum(i.rows for i in batch), len(batch), elapsed, waits)
         return results
 
     def _run_alone(self, item: _Item) -> Outputs | BaseException:

@@ -25,11 +25,13 @@ async def agent(make_agent: MakeAgent) -> Agent:
     )
 
 
-async def post(agent: Agent, path: str, body: bytes,
-               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Any]:
+async def post(
+    agent: Agent, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], Any]:
     """POST raw bytes; returns status, JSON body and headers."""
-    async with agent.client.post(agent.url + path, data=body,
-                                 headers=headers or {"Content-Type": "application/json"}) as r:
+    async with agent.client.post(
+        agent.url + path, data=body, headers=headers or {"Content-Type": "application/json"}
+    ) as r:
         return r.status, await r.json(content_type=None), r.headers
 
 
@@ -65,10 +67,10 @@ CASES = [
 class TestBadRequests:
     """Malformed or mismatched requests get a 400 that names the problem."""
 
-    @pytest.mark.parametrize(("case", "body", "status", "needle"), CASES,
-                             ids=[c[0] for c in CASES])
-    async def test_bad_request(self, agent: Agent, case: str, body: bytes, status: int,
-                               needle: str) -> None:
+    @pytest.mark.parametrize(("case", "body", "status", "needle"), CASES, ids=[c[0] for c in CASES])
+    async def test_bad_request(
+        self, agent: Agent, case: str, body: bytes, status: int, needle: str
+    ) -> None:
         """Each bad body gets its status and a message naming the problem."""
         got, doc, _ = await post(agent, "/v2/models/aff/infer", body)
         assert got == status, doc
@@ -84,15 +86,17 @@ class TestBadRequests:
 
     async def test_unsupported_content_type(self, agent: Agent) -> None:
         """An unknown Content-Type is a 415 listing the supported ones."""
-        got, doc, _ = await post(agent, "/v2/models/aff/infer", b"<x/>",
-                                 {"Content-Type": "application/xml"})
+        got, doc, _ = await post(
+            agent, "/v2/models/aff/infer", b"<x/>", {"Content-Type": "application/xml"}
+        )
         assert got == 415
         assert "application/msgpack" in doc["error"]
 
     async def test_unsupported_content_encoding(self, agent: Agent) -> None:
         """An unknown Content-Encoding is refused (by aiohttp's parser, 400) and harms nothing."""
         async with agent.client.post(
-            agent.url + "/v2/models/aff/infer", data=_doc(),
+            agent.url + "/v2/models/aff/infer",
+            data=_doc(),
             headers={"Content-Type": "application/json", "Content-Encoding": "zstd"},
         ) as r:
             assert r.status in (400, 415)
@@ -100,9 +104,11 @@ class TestBadRequests:
 
     async def test_broken_binary_header_length(self, agent: Agent) -> None:
         """A binary header length past the body is a 400."""
-        got, doc, _ = await post(agent, "/v2/models/aff/infer", b"{}",
-                                 {"Inference-Header-Content-Length": "999"})
+        got, doc, _ = await post(
+            agent, "/v2/models/aff/infer", b"{}", {"Inference-Header-Content-Length": "999"}
+        )
         assert got == 400
+        assert "999" in doc["error"]
         await still_serving(agent)
 
 
@@ -143,31 +149,50 @@ class TestNotFound:
 class TestFuzz:
     """Arbitrary bodies and headers never produce a 500 or stop the agent."""
 
-    @settings(max_examples=60, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
     @given(
         body=st.one_of(
             st.binary(max_size=300),
             st.recursive(
                 st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                lambda children: st.lists(children, max_size=4)
-                | st.dictionaries(st.sampled_from(
-                    ["inputs", "name", "shape", "datatype", "data", "outputs", "id",
-                     "parameters", "binary_data_size"]), children, max_size=5),
+                lambda children: (
+                    st.lists(children, max_size=4)
+                    | st.dictionaries(
+                        st.sampled_from(
+                            [
+                                "inputs",
+                                "name",
+                                "shape",
+                                "datatype",
+                                "data",
+                                "outputs",
+                                "id",
+                                "parameters",
+                                "binary_data_size",
+                            ]
+                        ),
+                        children,
+                        max_size=5,
+                    )
+                ),
                 max_leaves=20,
             ).map(lambda v: __import__("orjson").dumps(v, option=0)),
         ),
         ctype=st.sampled_from(["application/json", "application/msgpack", ""]),
         binary_header=st.one_of(st.none(), st.integers(-5, 400).map(str), st.text(max_size=4)),
     )
-    async def test_no_500(self, agent: Agent, body: bytes, ctype: str,
-                          binary_header: str | None) -> None:
+    async def test_no_500(
+        self, agent: Agent, body: bytes, ctype: str, binary_header: str | None
+    ) -> None:
         """Whatever arrives, the answer is a 2xx or a 4xx, never a 5xx."""
         headers = {"Content-Type": ctype} if ctype else {}
         if binary_header is not None:
             headers["Inference-Header-Content-Length"] = binary_header
-        async with agent.client.post(agent.url + "/v2/models/aff/infer", data=body,
-                                     headers=headers) as r:
+        async with agent.client.post(
+            agent.url + "/v2/models/aff/infer", data=body, headers=headers
+        ) as r:
             assert r.status < 500, await r.text()
 
     async def test_serves_after_fuzz(self, agent: Agent) -> None:
@@ -183,7 +208,8 @@ async def test_missing_one_of_two_inputs(make_agent: MakeAgent) -> None:
     import modelgen
 
     agent = await make_agent({"mio.onnx": modelgen.multi_io_model()})
-    status, body = await agent.infer_json("mio", {"inputs": [
-        {"name": "a", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]})
+    status, body = await agent.infer_json(
+        "mio", {"inputs": [{"name": "a", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    )
     assert status == 400
     assert 'missing input "b"' in body["error"]

@@ -26,15 +26,17 @@ def ort_run(model: bytes, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
-def triton_infer(url: str, model: str, name: str, array: np.ndarray, datatype: str,
-                 *, binary: bool) -> dict[str, np.ndarray]:
+def triton_infer(
+    url: str, model: str, name: str, array: np.ndarray, datatype: str, *, binary: bool
+) -> dict[str, np.ndarray]:
     """Call the agent with tritonclient.http (blocking: run it in a thread)."""
     client = triton.InferenceServerClient(url.removeprefix("http://"))
     try:
         inp = triton.InferInput(name, list(array.shape), datatype)
         inp.set_data_from_numpy(array, binary_data=binary)
-        outputs = [triton.InferRequestedOutput(o, binary_data=binary)
-                   for o in ("label", "probabilities")]
+        outputs = [
+            triton.InferRequestedOutput(o, binary_data=binary) for o in ("label", "probabilities")
+        ]
         result = client.infer(model, [inp], outputs=outputs, request_id="req-42")
         assert result.get_response()["id"] == "req-42"
         return {o: result.as_numpy(o) for o in ("label", "probabilities")}
@@ -45,11 +47,13 @@ def triton_infer(url: str, model: str, name: str, array: np.ndarray, datatype: s
 @pytest.fixture
 async def examples_agent(make_agent: MakeAgent) -> Agent:
     """An agent serving the three bundled examples (flat and versioned layouts)."""
-    return await make_agent({
-        "breast_cancer.onnx": EXAMPLES / "breast_cancer.onnx",
-        "digits/1/model.onnx": EXAMPLES / "digits" / "1" / "model.onnx",
-        "sentiment.onnx": EXAMPLES / "sentiment.onnx",
-    })
+    return await make_agent(
+        {
+            "breast_cancer.onnx": EXAMPLES / "breast_cancer.onnx",
+            "digits/1/model.onnx": EXAMPLES / "digits" / "1" / "model.onnx",
+            "sentiment.onnx": EXAMPLES / "sentiment.onnx",
+        }
+    )
 
 
 def _example_inputs() -> list[tuple[str, str, np.ndarray, str, bytes]]:
@@ -57,12 +61,27 @@ def _example_inputs() -> list[tuple[str, str, np.ndarray, str, bytes]]:
     x_img, _ = modelgen.image_data("test")
     texts, _ = modelgen.text_data("test")
     return [
-        ("breast_cancer", "float_input", x_tab[:5].astype(np.float32), "FP32",
-         (EXAMPLES / "breast_cancer.onnx").read_bytes()),
-        ("digits", "image", x_img[:3].astype(np.float32), "FP32",
-         (EXAMPLES / "digits" / "1" / "model.onnx").read_bytes()),
-        ("sentiment", "text", np.array(texts[:4], dtype=object), "BYTES",
-         (EXAMPLES / "sentiment.onnx").read_bytes()),
+        (
+            "breast_cancer",
+            "float_input",
+            x_tab[:5].astype(np.float32),
+            "FP32",
+            (EXAMPLES / "breast_cancer.onnx").read_bytes(),
+        ),
+        (
+            "digits",
+            "image",
+            x_img[:3].astype(np.float32),
+            "FP32",
+            (EXAMPLES / "digits" / "1" / "model.onnx").read_bytes(),
+        ),
+        (
+            "sentiment",
+            "text",
+            np.array(texts[:4], dtype=object),
+            "BYTES",
+            (EXAMPLES / "sentiment.onnx").read_bytes(),
+        ),
     ]
 
 
@@ -75,8 +94,9 @@ class TestTritonClient:
     ) -> None:
         """Every example model answers tritonclient exactly as onnxruntime does in-process."""
         for model, name, array, datatype, onnx_bytes in _example_inputs():
-            got = await asyncio.to_thread(triton_infer, examples_agent.url, model, name, array,
-                                          datatype, binary=binary)
+            got = await asyncio.to_thread(
+                triton_infer, examples_agent.url, model, name, array, datatype, binary=binary
+            )
             feed = array.astype(str).astype(object) if datatype == "BYTES" else array
             want = ort_run(onnx_bytes, {name: feed})
             np.testing.assert_array_equal(got["label"], want["label"])
@@ -93,8 +113,9 @@ class TestTritonClient:
                 assert client.is_model_ready("digits")
                 assert client.is_model_ready("digits", "1")
                 meta = client.get_model_metadata("digits")
-                assert meta["inputs"] == [{"name": "image", "datatype": "FP32",
-                                           "shape": [-1, 1, 8, 8]}]
+                assert meta["inputs"] == [
+                    {"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+                ]
                 assert client.get_server_metadata()["name"] == "edge-agent"
             finally:
                 client.close()
@@ -111,9 +132,11 @@ class TestBodies:
         rows = x[:3].astype(np.float32)
         base = {"name": "float_input", "shape": [3, 30], "datatype": "FP32"}
         s1, flat = await examples_agent.infer_json(
-            "breast_cancer", {"inputs": [{**base, "data": rows.ravel().tolist()}]})
+            "breast_cancer", {"inputs": [{**base, "data": rows.ravel().tolist()}]}
+        )
         s2, nested = await examples_agent.infer_json(
-            "breast_cancer", {"inputs": [{**base, "data": rows.tolist()}]})
+            "breast_cancer", {"inputs": [{**base, "data": rows.tolist()}]}
+        )
         assert (s1, s2) == (200, 200)
         assert flat["outputs"] == nested["outputs"]
 
@@ -122,10 +145,12 @@ class TestBodies:
         """msgpack with raw little-endian bytes or nested lists matches onnxruntime."""
         x, _ = modelgen.image_data("test")
         images = x[:2].astype(np.float32)
-        body = codec_msgpack.encode_request(InferRequest(inputs={"image": images}, id="m1"),
-                                            raw=raw)
+        body = codec_msgpack.encode_request(
+            InferRequest(inputs={"image": images}, id="m1"), raw=raw
+        )
         async with examples_agent.client.post(
-            examples_agent.url + "/v2/models/digits/infer", data=body,
+            examples_agent.url + "/v2/models/digits/infer",
+            data=body,
             headers={"Content-Type": "application/msgpack"},
         ) as resp:
             assert resp.status == 200
@@ -137,10 +162,21 @@ class TestBodies:
 
     async def test_msgpack_answer_in_json_when_accept_says_so(self, examples_agent: Agent) -> None:
         """The response format follows Accept."""
-        body = msgpack.packb({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
-                                          "data": ["great value, works well"]}]})
+        body = msgpack.packb(
+            {
+                "inputs": [
+                    {
+                        "name": "text",
+                        "shape": [1],
+                        "datatype": "BYTES",
+                        "data": ["great value, works well"],
+                    }
+                ]
+            }
+        )
         async with examples_agent.client.post(
-            examples_agent.url + "/v2/models/sentiment/infer", data=body,
+            examples_agent.url + "/v2/models/sentiment/infer",
+            data=body,
             headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
         ) as resp:
             assert resp.status == 200
@@ -153,7 +189,8 @@ class TestBodies:
         raw = (EXAMPLES.parent / "data" / "breast_cancer_request.json").read_bytes()
         body = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
         async with examples_agent.client.post(
-            examples_agent.url + "/v2/models/breast_cancer/infer", data=body,
+            examples_agent.url + "/v2/models/breast_cancer/infer",
+            data=body,
             headers={"Content-Type": "application/json", "Content-Encoding": encoding},
         ) as resp:
             assert resp.status == 200
@@ -171,8 +208,10 @@ class TestBodies:
 
     async def test_requested_outputs_only(self, examples_agent: Agent) -> None:
         """Only the outputs the client asked for come back."""
-        doc = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}],
-               "outputs": [{"name": "probabilities"}]}
+        doc = {
+            "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}],
+            "outputs": [{"name": "probabilities"}],
+        }
         status, body = await examples_agent.infer_json("sentiment", doc)
         assert status == 200
         assert [o["name"] for o in body["outputs"]] == ["probabilities"]
@@ -182,18 +221,36 @@ class TestBodies:
         agent = await make_agent({"mio.onnx": models["multi_io"]})
         a = np.arange(6, dtype=np.float32).reshape(2, 3)
         b = np.array([[1], [2]], dtype=np.int64)
-        status, body = await agent.infer_json("mio", {"inputs": [
-            {"name": "a", "shape": [2, 3], "datatype": "FP32", "data": a.ravel().tolist()},
-            {"name": "b", "shape": [2, 1], "datatype": "INT64", "data": b.ravel().tolist()},
-        ]})
+        status, body = await agent.infer_json(
+            "mio",
+            {
+                "inputs": [
+                    {"name": "a", "shape": [2, 3], "datatype": "FP32", "data": a.ravel().tolist()},
+                    {"name": "b", "shape": [2, 1], "datatype": "INT64", "data": b.ravel().tolist()},
+                ]
+            },
+        )
         assert status == 200
         out = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in body["outputs"]}
         np.testing.assert_allclose(out["sum"], a + b)
         np.testing.assert_allclose(out["prod"], a * 2)
 
 
-DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-             "FP16", "FP32", "FP64", "BYTES"]
+DATATYPES = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
 
 
 class TestDatatypes:
@@ -202,8 +259,9 @@ class TestDatatypes:
     @pytest.mark.parametrize("binary", [True, False])
     async def test_identity_for_every_datatype(self, make_agent: MakeAgent, binary: bool) -> None:
         """An Identity model returns exactly what it was sent, for all 13 datatypes."""
-        files = {f"id_{dt.lower()}.onnx": modelgen.identity_model(dt, [None, 3])
-                 for dt in DATATYPES}
+        files = {
+            f"id_{dt.lower()}.onnx": modelgen.identity_model(dt, [None, 3]) for dt in DATATYPES
+        }
         agent = await make_agent(files)
         rng = np.random.default_rng(3)
 
@@ -233,8 +291,9 @@ def _as_bytes(value: object) -> bytes:
 def _random_array(rng: np.random.Generator, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     if datatype == "BYTES":
         words = [b"alpha", b"beta", "gr\u00fc\u00dfe".encode(), b""]
-        return np.array([words[i % 4] for i in range(int(np.prod(shape)))],
-                        dtype=object).reshape(shape)
+        return np.array([words[i % 4] for i in range(int(np.prod(shape)))], dtype=object).reshape(
+            shape
+        )
     if datatype == "BOOL":
         return rng.integers(0, 2, size=shape).astype(bool)
     dtype = triton.triton_to_np_dtype(datatype)
