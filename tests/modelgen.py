@@ -244,3 +244,21 @@ def multi_io_model() -> bytes:
         name="multi_io",
         initializers=[_scalar("two", 2.0)],
     )
+
+
+def gather_model(rows: int = 10) -> bytes:
+    """``y = table[idx]``: input ``idx`` INT64 [N, 1], output ``y`` FP32 [N, 1, 2].
+
+    An index outside ``0..rows-1`` makes onnxruntime fail at run time: the model stands for
+    a request that is well-formed but poisonous (the batcher must fail only that caller).
+    """
+    table = helper.make_tensor(
+        "table", TensorProto.FLOAT, [rows, 2], [float(i) for i in range(rows * 2)]
+    )
+    return _model(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1, 2])],
+        name="gather",
+        initializers=[table],
+    )
