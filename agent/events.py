@@ -44,3 +44,14 @@ class PredictionEvent:
     inputs: dict[str, Array]
     outputs: dict[str, Array]
     latency_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRecord:
+    """Something bound upstream; ``app.py`` hands it to the outbox (kinds as in SPEC 10)."""
+
+    kind: Literal["feedback", "capture", "drift", "metrics", "event"]
+    ts: float
+    model: str | None
+    version: int | None
+    payload: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""The feedback loop: prediction log, joins with ground truth, live quality."""

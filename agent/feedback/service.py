@@ -1,0 +1,144 @@
+"""The feedback loop as one component: log predictions, take feedback, keep quality.
+
+``FeedbackLoop.record`` is the prediction tap (never blocks). ``submit`` parses a
+feedback request, joins it with the log, hands the joined records to ``emit`` (the
+outbox, wired by app.py) and answers only once ``emit`` returned, i.e. once the records
+are durable. It also samples captures (``[capture] rate``) for retraining.
+This module must not import the upstream package: ``emit`` is its only way out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from agent.clock import Clock
+from agent.events import PredictionEvent, UpstreamRecord
+from agent.feedback.join import Joined, Quality, join, parse_feedback
+from agent.feedback.predlog import PredictionLog
+
+log = structlog.get_logger(__name__)
+
+#: Captures waiting for the next flush; beyond this they are not sampled (bounded memory).
+_MAX_PENDING_CAPTURES = 10_000
+
+Emit = Callable[[list[UpstreamRecord]], Awaitable[None]]
+LabelsOf = Callable[[], dict[str, tuple[str, ...]]]
+
+
+class FeedbackLoop:
+    """Prediction log + joins + live quality + captures."""
+
+    def __init__(
+        self,
+        predlog: PredictionLog,
+        quality: Quality,
+        *,
+        emit: Emit,
+        labels_of: LabelsOf,
+        clock: Clock,
+        capture_rate: float = 0.0,
+        on_delay: Callable[[float], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.predlog = predlog
+        self.quality = quality
+        self._emit = emit
+        self._labels_of = labels_of
+        self._clock = clock
+        self.capture_rate = capture_rate
+        self._on_delay = on_delay
+        self._rng = rng or random.Random()  # noqa: S311 -- sampling, not security
+        self._captures: list[UpstreamRecord] = []
+        self.accepted = 0
+        self.unknown = 0
+
+    def record(self, event: PredictionEvent) -> None:
+        """The prediction tap: log it, and maybe keep a capture (never blocks)."""
+        self.predlog.record(event)
+        sampled = self.capture_rate and self._rng.random() < self.capture_rate
+        if sampled and len(self._captures) < _MAX_PENDING_CAPTURES:
+            self._captures.append(
+                UpstreamRecord(
+                    "capture",
+                    event.ts,
+                    event.model,
+                    event.version,
+                    {
+                        "id": event.id,
+                        "inputs": _plain(event.inputs),
+                        "outputs": _plain(event.outputs),
+                    },
+                )
+            )
+
+    async def flush_captures(self) -> int:
+        """Hand sampled captures to the outbox (called periodically by app.py)."""
+        if not self._captures:
+            return 0
+        batch, self._captures = self._captures, []
+        await self._emit(batch)
+        return len(batch)
+
+    async def submit(self, doc: object) -> dict[str, Any]:
+        """Accept feedback; returns {"accepted", "unknown", "unknown_ids"} once durable."""
+        records = parse_feedback(doc)
+        predictions = await self.predlog.lookup(list({r.id for r in records}))
+        now = self._clock.wall()
+        joined, unknown = join(records, predictions, self._labels_of(), now)
+        if joined:
+            await self._emit([_upstream(j, now) for j in joined])
+        for j in joined:
+            self._count(j)
+        self.accepted += len(joined)
+        self.unknown += len(unknown)
+        if unknown:
+            log.info("feedback_unknown_ids", count=len(unknown), sample=unknown[:5])
+        return {"accepted": len(joined), "unknown": len(unknown), "unknown_ids": unknown[:20]}
+
+    def _count(self, j: Joined) -> None:
+        key = (j.prediction.model, j.prediction.version)
+        if self._on_delay is not None:
+            self._on_delay(j.delay_s)
+        if j.predicted is None or len(j.predicted) != len(j.truth):
+            return  # nothing comparable (e.g. one label for a 3-row request): shipped only
+        if j.feedback.value is not None:
+            self.quality.add_values(
+                key, [float(x) for x in j.truth], [float(x) for x in j.predicted]
+            )
+        else:
+            self.quality.add_labels(key, [str(x) for x in j.truth], [str(x) for x in j.predicted])
+
+
+def _upstream(j: Joined, now: float) -> UpstreamRecord:
+    fb, pred = j.feedback, j.prediction
+    payload: dict[str, Any] = {
+        "id": fb.id,
+        "prediction_ts": pred.ts,
+        "delay_s": round(j.delay_s, 3),
+        "outputs": _plain(pred.outputs),
+        "predicted": j.predicted,
+    }
+    if fb.value is not None:
+        payload["value"] = fb.value
+    else:
+        payload["label"] = fb.label
+    if pred.inputs is not None:
+        payload["inputs"] = _plain(pred.inputs)
+    return UpstreamRecord("feedback", now, pred.model, pred.version, payload)
+
+
+def _plain(arrays: dict[str, Any]) -> dict[str, Any]:
+    """Arrays as nested lists (BYTES as strings where they decode), for any wire format."""
+    out: dict[str, Any] = {}
+    for name, a in arrays.items():
+        if a.dtype.kind in "OSU":
+            out[name] = [
+                x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in a.ravel()
+            ]
+        else:
+            out[name] = a.tolist()
+    return out
