@@ -10,6 +10,8 @@ reverse. Background stages never call each other: only this module wires them.
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +26,10 @@ from agent.api.services import SERVICES, Services
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.config import diff as config_diff
-from agent.events import ModelEvent
+from agent.events import ModelEvent, PredictionEvent, UpstreamRecord
+from agent.feedback.join import Quality
+from agent.feedback.predlog import PredictionLog, PredLogSettings
+from agent.feedback.service import FeedbackLoop
 from agent.inference.batcher import BatchSettings, RunObserver
 from agent.inference.session import SessionSettings
 from agent.metrics import Metrics
@@ -34,11 +39,18 @@ from agent.models.registry import Registry, RegistrySettings
 from agent.models.rollout import ProbationPolicy
 from agent.models.store import Store
 from agent.models.watcher import Watcher
+from agent.upstream.outbox import Outbox
+from agent.upstream.pump import Pump, to_outbox
+from agent.upstream.shipper import Shipper
 
 log = structlog.get_logger(__name__)
 
 REGISTRY = web.AppKey("registry", Registry)
 WATCHER = web.AppKey("watcher", Watcher)
+OUTBOX = web.AppKey("outbox", Outbox)
+SHIPPER = web.AppKey("shipper", Shipper)
+PUMP = web.AppKey("pump", Pump)
+FEEDBACK = web.AppKey("feedback", FeedbackLoop)
 
 #: How often probation is judged; short enough to roll back within a second or two.
 _PROBATION_TICK_S = 0.5
@@ -82,7 +94,9 @@ def registry_settings(config: Config) -> RegistrySettings:
     )
 
 
-def _on_model_event(metrics: Metrics) -> Any:
+def _on_model_event(app: web.Application, metrics: Metrics) -> Any:
+    """Registry events -> metrics, an upstream event record, and the drift monitor."""
+
     def handle(event: ModelEvent) -> None:
         if event.kind in ("loaded", "swapped"):
             metrics.loads.labels(event.model, "ok").inc()
@@ -95,6 +109,18 @@ def _on_model_event(metrics: Metrics) -> Any:
             "probation"
         ):
             metrics.rollbacks.labels(event.model, "probation").inc()
+        if PUMP in app:
+            app[PUMP].push(
+                UpstreamRecord(
+                    "event",
+                    event.ts,
+                    event.model,
+                    event.version,
+                    {"event": event.kind, **event.detail},
+                )
+            )
+        for hook in app[SERVICES].extras.get("model_event_hooks", ()):
+            hook(event)
 
     return handle
 
@@ -129,7 +155,13 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     )
     app.add_routes(v2.routes)
     app.add_routes(admin.routes)
+    # One context per component, in dependency order; cleanup runs in reverse, so the
+    # watcher stops first and the outbox, which everything writes to, closes last.
+    app.cleanup_ctx.append(_outbox_ctx(config, clock))
+    app.cleanup_ctx.append(_shipper_ctx(config, clock))
+    app.cleanup_ctx.append(_pump_ctx(config, clock))
     app.cleanup_ctx.append(_registry_ctx(config, clock, metrics))
+    app.cleanup_ctx.append(_feedback_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_probation_ctx)
     return app
@@ -150,13 +182,14 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
             load_executor=load_pool,
             infer_executor=infer_pool,
             clock=clock,
-            on_event=_on_model_event(metrics),
+            on_event=_on_model_event(app, metrics),
             observer=_observer(metrics),
         )
         app[REGISTRY] = registry
         app[SERVICES] = Services(config=config, registry=registry, metrics=metrics, clock=clock)
         app[SERVICES].extras["tokens"] = await asyncio.to_thread(read_tokens, config)
         _export_registry_gauges(metrics, registry)
+        _export_upstream_gauges(metrics, app)
         try:
             await registry.restore()
             yield
@@ -190,6 +223,232 @@ def _export_registry_gauges(metrics: Metrics, registry: Registry) -> None:
         "1 for the current state of each model.",
         ("model", "version", "state"),
         model_state,
+    )
+
+
+def _outbox_ctx(config: Config, clock: Clock) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        state_dir = Path(config.state.dir)
+        await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+        outbox = Outbox(
+            state_dir / "outbox.db",
+            max_bytes=config.outbox.max_bytes,
+            clock=clock,
+            fsync=config.outbox.fsync,
+        )
+        await outbox.open()
+        app[OUTBOX] = outbox
+        try:
+            yield
+        finally:
+            await outbox.close()
+
+    return ctx
+
+
+def _upstream_token(config: Config) -> str | None:
+    up = config.upstream
+    if up.token_file is not None:
+        return up.token_file.read_text(encoding="utf-8").strip() or None
+    return up.token or None
+
+
+def _shipper_ctx(config: Config, clock: Clock) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        up = config.upstream
+        token = await asyncio.to_thread(_upstream_token, config)
+        shipper = Shipper(
+            app[OUTBOX],
+            url=up.url or None,
+            token=token,
+            agent_id=up.agent_id or socket.gethostname(),
+            clock=clock,
+            rng=random.Random(),  # noqa: S311 -- backoff jitter, not security
+            format=up.format,
+            gzip=up.gzip,
+            flush_interval_s=up.flush_interval_s,
+            max_backoff_s=up.max_backoff_s,
+            batch_max_records=up.batch_max_records,
+            batch_max_bytes=up.batch_max_bytes,
+            timeout_s=up.timeout_s,
+        )
+        app[SHIPPER] = shipper
+        shipper.start()
+        try:
+            yield
+        finally:
+            # Last chance to ship what the components flushed while stopping; bounded, so a
+            # dead upstream cannot hold the exit (the outbox keeps the rest for next start).
+            await shipper.stop(flush_timeout_s=min(5.0, config.server.drain_timeout_s))
+
+    return ctx
+
+
+def _pump_ctx(config: Config, clock: Clock) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pump = Pump(
+            app[OUTBOX],
+            clock=clock,
+            snapshot=lambda: _metrics_snapshot(app, clock),
+            snapshot_every_s=max(config.upstream.flush_interval_s * 12, 60.0),
+        )
+        app[PUMP] = pump
+        pump.start()
+        try:
+            yield
+        finally:
+            await pump.stop()
+
+    return ctx
+
+
+def _metrics_snapshot(app: web.Application, clock: Clock) -> list[UpstreamRecord]:
+    if SERVICES not in app:
+        return []
+    registry = app[SERVICES].registry
+    models = {
+        e.name: {
+            "version": e.active.version if e.active else None,
+            "state": e.state,
+            "requests": e.active.stats.requests if e.active else 0,
+            "errors": e.active.stats.errors if e.active else 0,
+            "p99_s": e.active.stats.p99() if e.active else None,
+        }
+        for e in registry.models.values()
+    }
+    quality = app[FEEDBACK].quality.items() if FEEDBACK in app else []
+    return [
+        UpstreamRecord(
+            "metrics",
+            clock.wall(),
+            None,
+            None,
+            {
+                "models": models,
+                "quality": [{"model": m, "version": v, **q} for (m, v), q in quality],
+            },
+        )
+    ]
+
+
+def _labels_of(app: web.Application) -> dict[str, tuple[str, ...]]:
+    registry = app[REGISTRY]
+    return {
+        e.name: e.active.manifest.labels
+        for e in registry.models.values()
+        if e.active is not None and e.active.manifest is not None
+    }
+
+
+async def _feedback_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    config = services.config
+    fb = config.feedback
+    predlog = PredictionLog(
+        Path(config.state.dir) / "predictions.db",
+        PredLogSettings(
+            ttl_s=fb.ttl_s, max_bytes=fb.max_bytes, input_sample_rate=fb.input_sample_rate
+        ),
+        services.clock,
+    )
+    await predlog.open()
+    outbox = app[OUTBOX]
+
+    async def emit(records: list[UpstreamRecord]) -> None:
+        await outbox.put_many([to_outbox(r) for r in records])
+
+    loop = FeedbackLoop(
+        predlog,
+        Quality(fb.window_s),
+        emit=emit,
+        capture=app[PUMP].push,
+        labels_of=lambda: _labels_of(app),
+        clock=services.clock,
+        capture_rate=config.capture.rate,
+        on_delay=services.metrics.label_delay.observe,
+    )
+    app[FEEDBACK] = loop
+    services.feedback = loop
+    _add_tap(services, loop.record)
+    _export_quality_gauges(services.metrics, loop)
+    try:
+        yield
+    finally:
+        services.feedback = None
+        await predlog.close()
+
+
+def _add_tap(services: Services, tap: Any) -> None:
+    """Fan predictions out to one more side tap (each never blocks)."""
+    taps = services.extras.setdefault("taps", [])
+    taps.append(tap)
+
+    def fan_out(event: PredictionEvent) -> None:
+        for t in taps:
+            t(event)
+
+    services.on_prediction = taps[0] if len(taps) == 1 else fan_out
+
+
+def _export_quality_gauges(metrics: Metrics, loop: FeedbackLoop) -> None:
+    def quality() -> list[tuple[tuple[str, ...], float]]:
+        return [
+            ((model, str(version), key), float(report[key]))
+            for (model, version), report in loop.quality.items()
+            for key in ("accuracy", "mae", "rmse")
+            if key in report
+        ]
+
+    metrics.gauge(
+        "edge_agent_quality",
+        "Live quality from feedback joins (since start).",
+        ("model", "version", "metric"),
+        quality,
+    )
+    metrics.gauge(
+        "edge_agent_feedback_records",
+        "Feedback records by outcome.",
+        ("outcome",),
+        lambda: [(("accepted",), float(loop.accepted)), (("unknown",), float(loop.unknown))],
+    )
+    metrics.gauge(
+        "edge_agent_predlog_dropped",
+        "Predictions not logged (buffer full).",
+        (),
+        lambda: [((), float(loop.predlog.dropped))],
+    )
+
+
+def _export_upstream_gauges(metrics: Metrics, app: web.Application) -> None:
+    def outbox() -> list[tuple[tuple[str, ...], float]]:
+        st = app[OUTBOX].stats()
+        rows: list[tuple[tuple[str, ...], float]] = []
+        for kind, n in st.records.items():
+            rows.append((("records", kind), float(n)))
+        for kind, n in st.bytes.items():
+            rows.append((("bytes", kind), float(n)))
+        for kind, n in st.dropped.items():
+            rows.append((("dropped", kind), float(n)))
+        rows += [
+            (("oldest_age_s", ""), st.oldest_age_s),
+            (("corrupt_records", ""), float(st.corrupt_records)),
+            (("dead_letter_records", ""), float(st.dead_letter_records)),
+            (("max_bytes", ""), float(st.max_bytes)),
+        ]
+        return rows
+
+    def upstream() -> list[tuple[tuple[str, ...], float]]:
+        st = app[SHIPPER].stats()
+        return [((outcome,), float(n)) for outcome, n in st.outcomes.items()]
+
+    metrics.gauge(
+        "edge_agent_outbox",
+        "Outbox records, bytes and drops by kind; oldest age.",
+        ("measure", "kind"),
+        outbox,
+    )
+    metrics.gauge(
+        "edge_agent_upstream_sends", "Upstream send attempts by outcome.", ("outcome",), upstream
     )
 
 

@@ -108,6 +108,12 @@ class Metrics:
         self.rollbacks = Counter(
             "edge_agent_model_rollbacks", "Rollbacks by cause.", ("model", "cause"), registry=r
         )
+        self.label_delay = Histogram(
+            "edge_agent_label_delay_seconds",
+            "Feedback time minus prediction time.",
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400),
+            registry=r,
+        )
         self.callbacks = _CallbackGauges()
         r.register(self.callbacks)
 

@@ -7,13 +7,13 @@ own modules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 
 from agent.api.services import SERVICES, Services
-from agent.errors import BadRequest, NotFound
+from agent.errors import BadRequest, NotFound, Unavailable
 from agent.models.registry import ModelEntry
 
 routes = web.RouteTableDef()
@@ -132,3 +132,26 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+@routes.post("/v1/feedback")
+async def feedback(request: web.Request) -> web.Response:
+    """Ground truth for earlier predictions; answers once the joined records are durable."""
+    services = request.app[SERVICES]
+    if services.feedback is None:
+        raise Unavailable("feedback is not available while the agent starts or stops; retry")
+    doc = await read_json_object(request)
+    return _json(await services.feedback.submit(doc))
+
+
+@routes.get("/v1/models/{name}/drift")
+async def drift(request: web.Request) -> web.Response:
+    """The drift report of a model's active version (``?window=deploy|current``)."""
+    services = request.app[SERVICES]
+    query = request.query.get("window", "deploy")
+    if query not in ("deploy", "current"):
+        raise BadRequest(f"window must be deploy or current, got {query!r}")
+    window: Literal["deploy", "current"] = "current" if query == "current" else "deploy"
+    if services.drift is None:
+        raise NotFound("drift monitoring is off ([drift] enabled = false)")
+    return _json(services.drift.report(request.match_info["name"], window))

@@ -1,25 +1,40 @@
-"""Cross-cutting HTTP concerns: request ids, bearer tokens, error rendering, access log.
+"""Cross-cutting HTTP concerns: request ids, bearer tokens, body deadline, errors, access log.
 
 Every error a handler raises on purpose is an ``AgentError`` and becomes
 ``{"error": message}`` with its status and headers; aiohttp's own HTTP errors (unknown
 route, wrong method, body too large) are rendered the same way; anything else is a
 bug: a 500 logged with the request id and traceback. Bodies never crash the agent.
+
+Auth: ``[auth] predict_tokens`` guard the V2 routes and ``admin_tokens`` the ``/v1``
+routes; each kind is off while it has no token (list and file both empty). Admin tokens
+may call every route; a predict token on an admin route is a 403. Health, server
+metadata and ``/metrics`` stay open. Tokens are compared in constant time and never
+logged, not even when wrong.
+
+Slow clients: aiohttp closes a connection whose request head has not arrived within
+``[server] keepalive_timeout_s``; this middleware gives the body the same deadline
+(408 and the connection closed), so a client trickling bytes holds no handler forever.
+
+This module must not know about models or inference beyond the request keys it logs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import orjson
 import structlog
 from aiohttp import web
 
-from agent.api.services import MODEL, REQUEST_ID, SERVICES, VERSION
-from agent.errors import AgentError, Forbidden, Unauthorized
+from agent.api.services import MODEL, REQUEST_ID, SERVICES, VERSION, Services
+from agent.errors import AgentError, BadRequest, Forbidden, Unauthorized
 
 log = structlog.get_logger("edge_agent.access")
 
@@ -28,6 +43,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Routes anyone may call, even with auth on: health and metadata for load balancers.
 _OPEN_PREFIXES = ("/v2/health/",)
 _OPEN_PATHS = frozenset({"/v2", "/v2/", "/metrics", "/openapi.json"})
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(eq=False, slots=True)
+class RequestTracker:
+    """Counts the requests being handled now, and those cut off by a shutdown."""
+
+    active: int = 0
+    cancelled: int = 0
+
+
+#: Set by the daemon before start-up; the middleware counts requests into it when present.
+TRACKER = web.AppKey("request_tracker", RequestTracker)
 
 
 def error_response(
@@ -42,81 +70,159 @@ def error_response(
     )
 
 
+# -- auth ------------------------------------------------------------------------------------
+
+
+def _tokens(services: Services) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(predict, admin) tokens: those read from the config and token files at (re)load."""
+    tokens = services.extras.get("tokens")
+    if tokens:
+        return tokens[0], tokens[1]
+    auth = services.config.auth
+    return auth.predict_tokens, auth.admin_tokens
+
+
 def _is_admin(path: str) -> bool:
     return path.startswith("/v1/")
 
 
-def _check_auth(request: web.Request) -> None:
-    auth = request.app[SERVICES].config.auth
-    tokens = request.app[SERVICES].extras.get("tokens")
-    predict, admin = tokens if tokens else (auth.predict_tokens, auth.admin_tokens)
-    if not predict and not admin:
-        return
-    path = request.path
-    if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+def _is_open(path: str) -> bool:
+    return path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES)
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("this route needs 'Authorization: Bearer <token>'")
-    is_admin = _matches(token, admin)
-    if _is_admin(path):
-        if is_admin:
-            return
-        if _matches(token, predict):
-            raise Forbidden("a predict token cannot call admin routes; use an admin token")
-        raise Unauthorized("the bearer token is not valid for this route")
-    if not (is_admin or _matches(token, predict) or not predict):
-        raise Unauthorized("the bearer token is not valid for this route")
+        raise Unauthorized("this route needs the header 'Authorization: Bearer <token>'")
+    return token
+
+
+def _digest(token: str) -> bytes:
+    # Equal-length digests make compare_digest's time independent of the token lengths.
+    return hashlib.sha256(token.encode()).digest()
 
 
 def _matches(token: str, tokens: tuple[str, ...]) -> bool:
-    given = token.encode()
+    """True when ``token`` is one of ``tokens``; compares with all of them, no early exit."""
+    given = _digest(token)
     found = False
-    for candidate in tokens:  # compare with every token: no early exit, constant time each
-        found |= hmac.compare_digest(given, candidate.encode())
+    for candidate in tokens:
+        found |= hmac.compare_digest(given, _digest(candidate))
     return found
+
+
+def check_auth(request: web.Request) -> None:
+    """Raise ``Unauthorized`` (401) or ``Forbidden`` (403) unless the request may proceed."""
+    path = request.path
+    if _is_open(path):
+        return
+    predict, admin = _tokens(request.app[SERVICES])
+    admin_route = _is_admin(path)
+    if not (admin if admin_route else predict):
+        return  # this kind of auth is off
+    token = _bearer(request)
+    if _matches(token, admin if admin_route else predict + admin):
+        return
+    if admin_route and _matches(token, predict):
+        raise Forbidden("a predict token cannot call admin routes (/v1/...); use an admin token")
+    raise Unauthorized("the bearer token is not valid for this route; check the token")
+
+
+# -- body deadline ---------------------------------------------------------------------------
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> web.Response | None:
+    """Read the whole body within ``timeout_s`` (handlers then get it from the cache).
+
+    Returns a 408 response when the client is too slow, None when the body is in.
+    """
+    if request.method in _BODYLESS or not request.body_exists:
+        return None
+    try:
+        async with asyncio.timeout(timeout_s):
+            await request.read()
+    except TimeoutError:
+        response = error_response(
+            HTTPStatus.REQUEST_TIMEOUT,
+            f"the request body did not arrive within {timeout_s:g} s "
+            "([server] keepalive_timeout_s); send the whole body at once",
+        )
+        response.force_close()  # the rest of the body may still be on its way
+        return response
+    except web.HTTPException:
+        raise  # 413 from client_max_size: rendered by the caller
+    except Exception as exc:
+        raise BadRequest(
+            f"cannot read the request body ({exc}); check Content-Encoding and Content-Length"
+        ) from exc
+    return None
+
+
+# -- the middleware --------------------------------------------------------------------------
 
 
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, auth, error rendering and the access log line for every request."""
+    """Request id, auth, body deadline, error rendering and the access log line."""
     start = time.perf_counter()
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
+    request[REQUEST_ID] = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    tracker = request.app.get(TRACKER)
+    if tracker is not None:
+        tracker.active += 1
     try:
-        _check_auth(request)
-        response = await handler(request)
-    except AgentError as exc:
-        response = error_response(exc.status, exc.message, exc.headers())
-    except web.HTTPException as exc:
-        response = _from_http_exception(exc)
-    except Exception:
-        log.exception(
-            "request_failed",
-            request_id=request_id,
-            path=request.path,
-            model=request.get(MODEL),
-            version=request.get(VERSION),
-        )
-        response = error_response(
-            HTTPStatus.INTERNAL_SERVER_ERROR,
-            f"internal error (request id {request_id}); this is a bug, please report it "
-            "with the agent's log line for this request id",
-        )
-    response.headers.setdefault("X-Request-ID", request.get(REQUEST_ID, request_id))
+        response = await _handle(request, handler)
+    except asyncio.CancelledError:
+        # Only a shutdown past [server] drain_timeout_s cancels handlers.
+        if tracker is not None:
+            tracker.cancelled += 1
+        log.warning("request_cancelled", **_fields(request), reason="shutdown drain timed out")
+        raise
+    finally:
+        if tracker is not None:
+            tracker.active -= 1
+    response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
     if request.app[SERVICES].config.log.access_log:
         log.info(
             "request",
-            request_id=request.get(REQUEST_ID, request_id),
+            **_fields(request),
             method=request.method,
-            path=request.path,
             status=response.status,
-            model=request.get(MODEL),
-            version=request.get(VERSION),
             duration_ms=round((time.perf_counter() - start) * 1000, 3),
         )
     return response
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Run the handler; every failure becomes an ``{"error": ...}`` response."""
+    try:
+        check_auth(request)
+        timeout_s = request.app[SERVICES].config.server.keepalive_timeout_s
+        too_slow = await _read_body(request, timeout_s)
+        if too_slow is not None:
+            return too_slow
+        return await handler(request)
+    except AgentError as exc:
+        return error_response(exc.status, exc.message, exc.headers())
+    except web.HTTPException as exc:
+        return _from_http_exception(exc)
+    except Exception:
+        log.exception("request_failed", **_fields(request))
+        return error_response(
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"internal error (request id {request[REQUEST_ID]}); this is a bug, please report "
+            "it with the agent's log line for this request id",
+        )
+
+
+def _fields(request: web.Request) -> dict[str, object]:
+    """The fields every log line about a request carries."""
+    return {
+        "request_id": request[REQUEST_ID],
+        "path": request.path,
+        "model": request.get(MODEL),
+        "version": request.get(VERSION),
+    }
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
@@ -22,6 +22,23 @@ from agent.models.registry import Registry
 PredictionSink = Callable[[PredictionEvent], None]
 
 
+class FeedbackPort(Protocol):
+    """What the feedback route needs (implemented by ``feedback.service.FeedbackLoop``)."""
+
+    async def submit(self, doc: object) -> dict[str, Any]:
+        """Join and durably queue feedback; returns the counts."""
+
+
+class DriftPort(Protocol):
+    """What the drift route and status need (implemented by ``drift.monitor.DriftMonitor``)."""
+
+    def report(self, model: str, window: Literal["deploy", "current"] = "deploy") -> dict[str, Any]:
+        """The drift report of a model's active version."""
+
+    def status(self, model: str) -> str | None:
+        """ok / warn / alert / insufficient_data, or None when unknown."""
+
+
 @dataclass(eq=False)
 class Services:
     """The components behind the HTTP API (mutable: SIGHUP swaps ``config``)."""
@@ -31,6 +48,8 @@ class Services:
     metrics: Metrics
     clock: Clock
     on_prediction: PredictionSink = lambda event: None
+    feedback: FeedbackPort | None = None
+    drift: DriftPort | None = None
     rescan: Callable[[], Awaitable[dict[str, Any]]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     accepting: bool = True

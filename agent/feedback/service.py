@@ -3,7 +3,8 @@
 ``FeedbackLoop.record`` is the prediction tap (never blocks). ``submit`` parses a
 feedback request, joins it with the log, hands the joined records to ``emit`` (the
 outbox, wired by app.py) and answers only once ``emit`` returned, i.e. once the records
-are durable. It also samples captures (``[capture] rate``) for retraining.
+are durable. It also samples captures (``[capture] rate``) for retraining and hands them
+to ``capture`` (the bounded upstream pump).
 This module must not import the upstream package: ``emit`` is its only way out.
 """
 
@@ -22,9 +23,6 @@ from agent.feedback.predlog import PredictionLog
 
 log = structlog.get_logger(__name__)
 
-#: Captures waiting for the next flush; beyond this they are not sampled (bounded memory).
-_MAX_PENDING_CAPTURES = 10_000
-
 Emit = Callable[[list[UpstreamRecord]], Awaitable[None]]
 LabelsOf = Callable[[], dict[str, tuple[str, ...]]]
 
@@ -38,6 +36,7 @@ class FeedbackLoop:
         quality: Quality,
         *,
         emit: Emit,
+        capture: Callable[[UpstreamRecord], None] | None = None,
         labels_of: LabelsOf,
         clock: Clock,
         capture_rate: float = 0.0,
@@ -52,7 +51,7 @@ class FeedbackLoop:
         self.capture_rate = capture_rate
         self._on_delay = on_delay
         self._rng = rng or random.Random()  # noqa: S311 -- sampling, not security
-        self._captures: list[UpstreamRecord] = []
+        self._capture = capture
         self.accepted = 0
         self.unknown = 0
 
@@ -60,8 +59,8 @@ class FeedbackLoop:
         """The prediction tap: log it, and maybe keep a capture (never blocks)."""
         self.predlog.record(event)
         sampled = self.capture_rate and self._rng.random() < self.capture_rate
-        if sampled and len(self._captures) < _MAX_PENDING_CAPTURES:
-            self._captures.append(
+        if sampled and self._capture is not None:
+            self._capture(
                 UpstreamRecord(
                     "capture",
                     event.ts,
@@ -74,14 +73,6 @@ class FeedbackLoop:
                     },
                 )
             )
-
-    async def flush_captures(self) -> int:
-        """Hand sampled captures to the outbox (called periodically by app.py)."""
-        if not self._captures:
-            return 0
-        batch, self._captures = self._captures, []
-        await self._emit(batch)
-        return len(batch)
 
     async def submit(self, doc: object) -> dict[str, Any]:
         """Accept feedback; returns {"accepted", "unknown", "unknown_ids"} once durable."""
