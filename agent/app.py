@@ -371,11 +371,31 @@ async def _feedback_ctx(app: web.Application) -> AsyncIterator[None]:
     services.feedback = loop
     _add_tap(services, loop.record)
     _export_quality_gauges(services.metrics, loop)
+    services.extras.setdefault("model_details", {})["quality"] = loop.quality.report
+    services.extras.setdefault("status_sections", {})["upstream"] = lambda: _upstream_status(app)
     try:
         yield
     finally:
         services.feedback = None
         await predlog.close()
+
+
+def _upstream_status(app: web.Application) -> dict[str, Any]:
+    """Outbox and shipper health for GET /v1/models and ``edge-agent status``."""
+    ob, sh = app[OUTBOX].stats(), app[SHIPPER].stats()
+    return {
+        "url_set": bool(app[SERVICES].config.upstream.url),
+        "outbox_records": ob.total_records,
+        "outbox_bytes": ob.total_bytes,
+        "outbox_max_bytes": ob.max_bytes,
+        "oldest_age_s": round(ob.oldest_age_s, 1),
+        "dropped": {k: v for k, v in ob.dropped.items() if v},
+        "dead_letter_records": ob.dead_letter_records,
+        "corrupt_records": ob.corrupt_records,
+        "sent_records": sh.sent_records,
+        "consecutive_failures": sh.consecutive_failures,
+        "last_error": sh.last_error,
+    }
 
 
 def _add_tap(services: Services, tap: Any) -> None:

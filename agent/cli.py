@@ -211,13 +211,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "STATE",
         "PROBATION",
         "DRIFT",
+        "ACCURACY",
         "REQUESTS",
         "LAST ERROR",
     )
     print(_table([header, *rows]))
-    outbox = doc.get("outbox")
-    if outbox:
-        print(f"\noutbox: {outbox}")
+    up = doc.get("upstream")
+    if up:
+        print(
+            f"\noutbox: {up['outbox_records']} records, {up['outbox_bytes']} of "
+            f"{up['outbox_max_bytes']} bytes, oldest {up['oldest_age_s']} s; "
+            f"sent {up['sent_records']}; dead letters {up['dead_letter_records']}; "
+            f"dropped {up['dropped'] or 'none'}"
+            + ("" if up["url_set"] else " (no [upstream] url: collecting only)")
+            + (f"; last error: {up['last_error']}" if up.get("last_error") else "")
+        )
+    if doc.get("drop_dir", {}).get("error"):
+        print(f"\ndrop dir refused: {doc['drop_dir']['error']}")
     return 0
 
 
@@ -230,10 +240,21 @@ def _status_row(m: dict[str, Any]) -> tuple[str, ...]:
         ",".join(str(v["version"]) for v in m.get("versions", [])) or "-",
         m.get("state", "?"),
         f"{probation:.0f}s left" if probation is not None else "-",
-        str(drift.get("status", "-")) if isinstance(drift, dict) else str(drift),
+        str(drift.get("status", "-")) if isinstance(drift, dict) else str(drift or "-"),
+        _accuracy(m),
         f"{m.get('requests', 0)} ({m.get('errors', 0)} err)",
         (m.get("last_error") or "-")[:60],
     )
+
+
+def _accuracy(m: dict[str, Any]) -> str:
+    active = str(m.get("active_version"))
+    total = (m.get("quality") or {}).get(active, {}).get("total", {})
+    if "accuracy" in total:
+        return f"{total['accuracy']:.1%} of {total['labelled']}"
+    if "mae" in total:
+        return f"MAE {total['mae']:.3g}"
+    return "-"
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
