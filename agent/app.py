@@ -546,9 +546,6 @@ LIVE_PREFIXES = (
     "batching.max_delay_ms",
     "batching.max_queue",
     "batching.enabled",
-    "drift.",
-    "upstream.",
-    "capture.",
     "models.probation_s",
     "models.max_error_rate",
     "models.max_p99_ratio",
@@ -557,17 +554,29 @@ LIVE_PREFIXES = (
     "models.max_load_s",
     "models.keep_versions",
     "server.max_elements",
-    "feedback.input_sample_rate",
+    "capture.rate",
+    "upstream.token",
+    "upstream.token_file",
 )
 
 
 def reconfigure(app: web.Application, new: Config) -> tuple[list[str], list[str]]:
-    """Apply what can change live; return (applied keys, keys that need a restart)."""
+    """Apply what can change live; return (applied keys, keys that need a restart).
+
+    Raises OSError when a token file named by the new config cannot be read; the caller
+    then keeps the running config.
+    """
     services = app[SERVICES]
     changed = config_diff(services.config, new)
     live = [k for k in changed if k.startswith(LIVE_PREFIXES)]
     restart = [k for k in changed if k not in live]
-    services.extras["tokens"] = read_tokens(new)
+    tokens = read_tokens(new)
+    upstream_token = _upstream_token(new)
+    services.extras["tokens"] = tokens
+    if SHIPPER in app:
+        app[SHIPPER].update_token(upstream_token)
+    if FEEDBACK in app:
+        app[FEEDBACK].capture_rate = new.capture.rate
     registry = app[REGISTRY]
     registry.settings = registry_settings(new)
     for entry in registry.models.values():

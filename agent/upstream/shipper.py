@@ -3,8 +3,8 @@
 Responsibilities: send when enough records wait (size) or the oldest has waited
 ``flush_interval_s`` (age); encode the batch document (SPEC section 10) as msgpack or JSON,
 gzip it, and POST it with the batch's ``Idempotency-Key``; ack on 2xx; dead-letter on a 4xx
-other than 408/429; otherwise retry the same batch with exponential backoff and full jitter,
-honouring ``Retry-After`` on 429/503. Every outcome is logged (``outbox_batch_sent``,
+other than 408/429 and 401/403; otherwise retry the same batch with exponential backoff and
+full jitter, honouring ``Retry-After`` on 429/503. Every outcome is logged (``outbox_batch_sent``,
 ``outbox_send_failed``, ``outbox_dead_letter``) and counted.
 
 It must never raise into its caller, block the event loop (encoding and gzip run in a thread),
@@ -35,6 +35,12 @@ from agent.upstream.outbox import Batch, Outbox
 log = structlog.get_logger(__name__)
 
 Format = Literal["msgpack", "json"]
+#: 4xx answers that say nothing about the batch itself, so it is sent again later:
+#: 408/429 (SPEC), and 401/403 — a wrong or expired token is the agent's configuration, and
+#: dead-lettering on it would let one typo discard the whole backlog. The operator fixes
+#: the token (SIGHUP) and the backlog ships; the failures are logged and counted meanwhile.
+_RETRIED_4XX = frozenset({401, 403, 408, 429})
+
 Outcome = Literal["sent", "http_retry", "rejected", "connection_error", "timeout", "error"]
 OUTCOMES: tuple[Outcome, ...] = (
     "sent",
@@ -174,6 +180,10 @@ class Shipper:
         self._failures = 0
         self._last_success_at: float | None = None
         self._last_error: str | None = None
+
+    def update_token(self, token: str | None) -> None:
+        """Use a new bearer token from the next send on (SIGHUP)."""
+        self._token = token
 
     def start(self) -> None:
         """Start the background task (no task when no upstream ``url`` is configured)."""
@@ -360,7 +370,7 @@ class Shipper:
             return ShipResult(
                 outcome="sent", batch=batch.key, records=len(batch.records), status=status
             )
-        if 400 <= status < 500 and status not in (408, 429):
+        if 400 <= status < 500 and status not in _RETRIED_4XX:
             await self._outbox.dead_letter(batch.key, status, reply.excerpt)
             self._failures = 0
             self._count("rejected", "HTTP " + str(status))
