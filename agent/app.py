@@ -26,6 +26,7 @@ from agent.api.services import SERVICES, Services
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.config import diff as config_diff
+from agent.drift.monitor import DriftMonitor
 from agent.events import ModelEvent, PredictionEvent, UpstreamRecord
 from agent.feedback.join import Quality
 from agent.feedback.predlog import PredictionLog, PredLogSettings
@@ -51,6 +52,7 @@ OUTBOX = web.AppKey("outbox", Outbox)
 SHIPPER = web.AppKey("shipper", Shipper)
 PUMP = web.AppKey("pump", Pump)
 FEEDBACK = web.AppKey("feedback", FeedbackLoop)
+DRIFT = web.AppKey("drift", DriftMonitor)
 
 #: How often probation is judged; short enough to roll back within a second or two.
 _PROBATION_TICK_S = 0.5
@@ -162,6 +164,8 @@ def build_app(config: Config, *, clock: Clock | None = None) -> web.Application:
     app.cleanup_ctx.append(_pump_ctx(config, clock))
     app.cleanup_ctx.append(_registry_ctx(config, clock, metrics))
     app.cleanup_ctx.append(_feedback_ctx)
+    if config.drift.enabled:
+        app.cleanup_ctx.append(_drift_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_probation_ctx)
     return app
@@ -380,6 +384,78 @@ async def _feedback_ctx(app: web.Application) -> AsyncIterator[None]:
         await predlog.close()
 
 
+async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    d = services.config.drift
+    outbox = app[OUTBOX]
+
+    async def emit(records: list[UpstreamRecord]) -> None:
+        await outbox.put_many([to_outbox(r) for r in records])
+
+    monitor = DriftMonitor(
+        window_s=d.window_s,
+        reference_rows=d.reference_rows,
+        psi_warn=d.psi_warn,
+        psi_alert=d.psi_alert,
+        min_rows=d.min_rows,
+        alert_share=d.alert_share,
+        queue_size=d.queue_size,
+        clock=services.clock,
+        emit=emit,
+    )
+    app[DRIFT] = monitor
+    registry = app[REGISTRY]
+
+    def attach(event: ModelEvent) -> None:
+        """A version went live (or came back): give drift its signature and baseline."""
+        entry = registry.models.get(event.model)
+        live = entry.active if entry else None
+        if event.kind not in ("loaded", "swapped", "rolled_back") or live is None:
+            return
+        manifest = live.manifest
+        baseline = manifest.baseline if manifest else None
+        sig = live.runner.signature
+        monitor.attach(
+            live.name,
+            live.version,
+            inputs=sig.inputs,
+            outputs=sig.outputs,
+            baseline=live.bundle.dir / baseline if baseline else None,
+            features=dict(manifest.features) if manifest else {},
+            psi_warn=manifest.psi_warn if manifest else None,
+            psi_alert=manifest.psi_alert if manifest else None,
+        )
+
+    await monitor.start()
+    # Versions restored before this component started need attaching too.
+    for entry in registry.models.values():
+        if entry.active is not None:
+            attach(ModelEvent("loaded", entry.name, entry.active.version, services.clock.wall()))
+    services.extras.setdefault("model_event_hooks", []).append(attach)
+    services.extras.setdefault("model_details", {})["drift"] = lambda name: {
+        "status": monitor.status(name)
+    }
+    services.drift = monitor
+    _add_tap(services, monitor.record)
+    services.metrics.gauge(
+        "edge_agent_drift_score",
+        "Drift scores of the deploy window.",
+        ("model", "version", "io", "feature", "score"),
+        monitor.gauges,
+    )
+    services.metrics.gauge(
+        "edge_agent_drift_status",
+        "Model drift status: 0 ok, 1 warn, 2 alert, -1 too few rows.",
+        ("model", "version"),
+        monitor.status_gauges,
+    )
+    try:
+        yield
+    finally:
+        services.drift = None
+        await monitor.stop()
+
+
 def _upstream_status(app: web.Application) -> dict[str, Any]:
     """Outbox and shipper health for GET /v1/models and ``edge-agent status``."""
     ob, sh = app[OUTBOX].stats(), app[SHIPPER].stats()
@@ -555,6 +631,12 @@ LIVE_PREFIXES = (
     "models.keep_versions",
     "server.max_elements",
     "capture.rate",
+    "drift.window_s",
+    "drift.reference_rows",
+    "drift.psi_warn",
+    "drift.psi_alert",
+    "drift.min_rows",
+    "drift.alert_share",
     "upstream.token",
     "upstream.token_file",
 )
@@ -577,6 +659,16 @@ def reconfigure(app: web.Application, new: Config) -> tuple[list[str], list[str]
         app[SHIPPER].update_token(upstream_token)
     if FEEDBACK in app:
         app[FEEDBACK].capture_rate = new.capture.rate
+    if DRIFT in app:
+        d = new.drift
+        app[DRIFT].configure(
+            window_s=d.window_s,
+            reference_rows=d.reference_rows,
+            psi_warn=d.psi_warn,
+            psi_alert=d.psi_alert,
+            min_rows=d.min_rows,
+            alert_share=d.alert_share,
+        )
     registry = app[REGISTRY]
     registry.settings = registry_settings(new)
     for entry in registry.models.values():
