@@ -71,6 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(rollback)
     rollback.set_defaults(func=_cmd_rollback)
 
+    baseline = sub.add_parser(
+        "baseline", help="profile training data (and the model's outputs on it) for drift"
+    )
+    baseline.add_argument("--model", type=Path, required=True, help="the .onnx file")
+    baseline.add_argument("--data", type=Path, required=True, help="npy, npz or csv (header)")
+    baseline.add_argument("-o", "--out", type=Path, required=True, help="baseline.msgpack")
+    baseline.add_argument("--features", help="comma-separated feature names of the input")
+    baseline.add_argument("--manifest", type=Path, help="manifest with [inputs] feature names")
+    baseline.add_argument("--name", help="the model's name in the agent (default: inferred)")
+    baseline.set_defaults(func=_cmd_baseline)
+
     status = sub.add_parser("status", help="models, versions, states of a running agent")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _client_args(status)
@@ -165,6 +176,30 @@ def _safe_copy(src: Path, dest: Path) -> None:
         os.close(fd)
 
 
+# -- baseline ----------------------------------------------------------------------------
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from agent.drift.baseline import build_baseline  # imported here: numpy work, on demand
+
+    features = [f.strip() for f in args.features.split(",")] if args.features else None
+    summary = build_baseline(
+        args.model,
+        args.data,
+        features=features,
+        manifest=args.manifest,
+        out=args.out,
+        name=args.name,
+    )
+    print(
+        f"wrote {summary['out']}: model {summary['model']}, {summary['rows']} rows, "
+        f"{summary['features']} input features, {summary['outputs']} output features, "
+        f"{summary['bytes']} bytes; point the manifest at it: [drift] baseline = "
+        f'"{Path(summary["out"]).name}"'
+    )
+    return 0
+
+
 # -- commands that talk to a running agent -----------------------------------------------
 
 
@@ -233,14 +268,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _status_row(m: dict[str, Any]) -> tuple[str, ...]:
     probation = m.get("probation_remaining_s")
-    drift = m.get("drift") or {}
+    drift_status = (m.get("drift") or {}).get("status") or "-"
     return (
         m["name"],
         str(m.get("active_version") or "-"),
         ",".join(str(v["version"]) for v in m.get("versions", [])) or "-",
         m.get("state", "?"),
         f"{probation:.0f}s left" if probation is not None else "-",
-        str(drift.get("status", "-")) if isinstance(drift, dict) else str(drift or "-"),
+        str(drift_status),
         _accuracy(m),
         f"{m.get('requests', 0)} ({m.get('errors', 0)} err)",
         (m.get("last_error") or "-")[:60],
