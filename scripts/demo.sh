@@ -28,6 +28,13 @@ trap cleanup EXIT
 mkdir -p "$work/models"
 chmod 755 "$work/models"
 cp -r examples/models/. "$work/models/"
+# A drift baseline for the tabular model, from its training data (the operator's command).
+echo "== edge-agent baseline (profile the training data and the model's outputs on it)"
+.venv/bin/edge-agent baseline --model examples/models/breast_cancer.onnx \
+    --data examples/data/breast_cancer_train.npy --manifest examples/models/breast_cancer.toml \
+    -o "$work/models/breast_cancer_baseline.msgpack"
+printf '\n[drift]\nbaseline = "breast_cancer_baseline.msgpack"\n' >> "$work/models/breast_cancer.toml"
+
 cat > "$work/config.toml" <<TOML
 [server]
 port = 0
@@ -37,6 +44,8 @@ settle_ms = 200
 probation_s = 0
 [state]
 dir = "$work/state"
+[drift]
+min_rows = 100
 [log]
 format = "json"
 access_log = false

@@ -118,6 +118,49 @@ def tour_predictions(base: str) -> None:
     print(f"status={status} error={body['error']}")
 
 
+def send_rows(base: str, rows: np.ndarray, batch: int = 20) -> None:
+    """Predict ``rows`` in requests of ``batch`` rows (JSON)."""
+    for start in range(0, len(rows), batch):
+        predict_tabular(base, rows[start : start + batch], f"demo-drift-{start}")
+
+
+def drift_summary(base: str) -> dict[str, Any]:
+    """The deploy-window drift report, once the monitor has seen every row sent."""
+    time.sleep(1.5)  # the monitor folds events in off the request path, about once a second
+    _, report = call(f"{base}/v1/models/breast_cancer/drift?window=deploy")
+    return report
+
+
+def tour_drift(base: str) -> None:
+    """In-distribution traffic reports ok; a shift in a few features alerts."""
+    train = np.load(EXAMPLES / "data" / "breast_cancer_train.npy").astype(np.float32)
+    rng = np.random.default_rng(7)
+    step("Drift: 300 rows like the training data (baseline from `edge-agent baseline`)")
+    send_rows(base, train[rng.choice(len(train), 300)])
+    report = drift_summary(base)
+    alerts = [f["name"] for f in report["features"] if f["status"] == "alert"]
+    print(
+        f"model status={report['status']} reference={report.get('reference')} "
+        f"rows={report['window']['rows']} alerting features={alerts or 'none'}"
+    )
+
+    step("Drift: 600 rows where mean_radius and mean_texture are shifted by 2 std")
+    shifted = train[rng.choice(len(train), 600)].copy()
+    shifted[:, :2] += 2.0 * train[:, :2].std(axis=0)
+    send_rows(base, shifted)
+    report = drift_summary(base)
+    print(f"model status={report['status']} rows={report['window']['rows']}")
+    for f in report["features"]:
+        if f["status"] != "ok":
+            print(
+                f"  {f['name']:<24} {f['status']:<6} psi={f['psi']:.3f} "
+                f"mean_shift={f['mean_shift']:+.2f} std"
+            )
+    outs = [o for o in report["outputs"] if o["status"] != "ok"]
+    for o in outs:
+        print(f"  output {o['input']}/{o['name']}: {o['status']} psi={o['psi']:.3f}")
+
+
 def wait_version(base: str, version: int, timeout: float = 20.0) -> None:
     """Poll until the tabular model serves ``version``."""
     deadline = time.monotonic() + timeout
@@ -183,6 +226,7 @@ def main() -> int:
     parser.add_argument("--drop", type=Path, required=True)
     args = parser.parse_args()
     tour_predictions(args.url)
+    tour_drift(args.url)
     tour_release(args.url, args.drop)
     print("\nTour complete.")
     return 0
