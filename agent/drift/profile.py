@@ -28,18 +28,16 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from agent.drift.sketches import (
-    DEFAULT_KLL_K,
+from agent.drift.features import (
     KINDS,
-    CategoricalSketch,
     Features,
     FloatArray,
     Kind,
-    NumericSketch,
     channels_first,
     extract_features,
     infer_kind,
 )
+from agent.drift.sketches import DEFAULT_KLL_K, CategoricalSketch, NumericSketch
 from agent.errors import AgentError
 from agent.tensors import TensorSpec
 
@@ -388,7 +386,7 @@ def check_compatible(
 
 
 def _check_width(tensor: TensorProfile, spec: TensorSpec, rebuild: str) -> None:
-    expected = _expected_width(tensor.kind, spec.shape)
+    expected = expected_width(tensor.kind, spec.shape)
     if expected is not None and expected != tensor.numeric.width:
         raise BaselineError(
             f'baseline has {tensor.numeric.width} numeric features for "{tensor.tensor}" '
@@ -397,7 +395,7 @@ def _check_width(tensor: TensorProfile, spec: TensorSpec, rebuild: str) -> None:
         )
 
 
-def _expected_width(kind: Kind, shape: tuple[int, ...]) -> int | None:
+def expected_width(kind: Kind, shape: tuple[int, ...]) -> int | None:
     """Numeric features a tensor of this shape yields, when its shape fixes the number."""
     if kind == "label":
         return 0

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from agent.drift.features import Features, Kind, extract_features, infer_kind
 from agent.drift.profile import (
     BaselineError,
     Profile,
@@ -35,7 +36,6 @@ from agent.drift.scores import (
     feature_report,
     model_report,
 )
-from agent.drift.sketches import Features, Kind, extract_features, infer_kind
 
 WINDOW_FORMAT: Final = "edge-agent-window"
 WINDOW_VERSION: Final = 1
@@ -91,6 +91,11 @@ class ModelDriftState:
         self._baseline = baseline
         self._window = baseline.empty_like(k=self._settings.kll_k) if baseline else None
         self._deploy = baseline.empty_like(k=self._settings.kll_k) if baseline else None
+
+    def retune(self, settings: DriftSettings) -> None:
+        """Score with new settings from now on (``reference_rows`` counts only while a live
+        reference is still being collected; sketch sizes apply from the next window)."""
+        self._settings = settings
 
     @property
     def reference(self) -> Reference:
