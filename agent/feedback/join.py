@@ -10,6 +10,11 @@ regression, in a tumbling window and since start, and the label delay.
 What a prediction "predicted": its ``label`` output if it has one, else the arg-max of its
 first 2-D float output; for regression (``value``), its first float output. A request
 with several rows takes a list of labels (one per row).
+
+Labels are compared in one canonical form: a class index that the model's manifest names
+(``[model] labels``) becomes that class name, on both sides, so ``0`` and ``"malignant"``
+are the same class; anything else (an index the manifest does not name, a name) stays as
+given. The canonical forms travel upstream too, so the collector compares like with like.
 """
 
 from __future__ import annotations
@@ -205,7 +210,7 @@ class Joined:
 
     feedback: Feedback
     prediction: Prediction
-    truth: list[str] | list[float]
+    truth: list[Any]
     predicted: list[Any] | None
     delay_s: float
 
@@ -234,14 +239,15 @@ def join(
             predicted: list[Any] | None = predicted_values(pred.outputs)
         else:
             raw = fb.label if isinstance(fb.label, list) else [fb.label]
-            truth = [_class_name(x, names) for x in raw]
+            truth = [canonical_label(x, names) for x in raw]
             got = predicted_labels(pred.outputs)
-            predicted = [_class_name(x, names) for x in got] if got is not None else None
+            predicted = [canonical_label(x, names) for x in got] if got is not None else None
         joined.append(Joined(fb, pred, truth, predicted, max(0.0, now - pred.ts)))
     return joined, unknown
 
 
-def _class_name(value: Any, names: tuple[str, ...]) -> str:
-    if isinstance(value, int) and 0 <= value < len(names):
+def canonical_label(value: Any, names: tuple[str, ...]) -> Any:
+    """The class name for an index the manifest names; any other label as given."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return names[value]
-    return str(value)
+    return value

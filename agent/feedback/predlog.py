@@ -28,6 +28,7 @@ import structlog
 
 from agent.clock import Clock
 from agent.db import Database, write_transaction
+from agent.errors import Unavailable
 from agent.events import PredictionEvent
 from agent.tensors import Array
 
@@ -48,6 +49,8 @@ CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
 
 
 _TRIM_EVERY_S = 10.0
+#: How long ``close`` waits for the writer's last transaction before cancelling it.
+_STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +121,10 @@ class PredictionLog:
         self._buffer: deque[PredictionEvent] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self.dropped = 0
         self.written = 0
+        self.writes = 0
         self._bytes = 0
         self._last_trim = 0.0
 
@@ -130,11 +135,23 @@ class PredictionLog:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="predlog")
 
     async def close(self) -> None:
-        """Write what is buffered, stop the writer, close the file."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop the writer, write what is buffered, close the file.
+
+        The writer is asked to stop rather than cancelled: a cancelled write would drop the
+        events it had taken from the buffer, and their feedback would then count as unknown.
+        """
+        task, self._task = self._task, None
+        if task is not None:
+            self._stop.set()
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), _STOP_TIMEOUT_S)
+            except TimeoutError:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                log.warning("predlog_stop_timeout", timeout_s=_STOP_TIMEOUT_S)
+            except Exception:  # logged; the buffer is still written below
+                log.exception("predlog_writer_failed")
         await self.flush()
         await self._db.close()
 
@@ -160,13 +177,26 @@ class PredictionLog:
         self._buffer.clear()
         try:
             # Packing runs on the database thread too: the event loop only hands over.
-            added = await self._db.run(lambda conn: _insert(conn, [self._row(e) for e in events]))
+            added, skipped = await self._db.run(lambda conn: self._write(conn, events))
         except sqlite3.Error as exc:
             self.dropped += len(events)
             log.warning("predlog_write_failed", rows=len(events), reason=str(exc))
             return
         self._bytes += added
-        self.written += len(events)
+        self.writes += 1
+        self.written += len(events) - skipped
+        self.dropped += skipped
+
+    def _write(self, conn: sqlite3.Connection, events: list[PredictionEvent]) -> tuple[int, int]:
+        """Insert the events in one transaction; returns (bytes added, events skipped)."""
+        rows = []
+        for e in events:
+            try:
+                rows.append(self._row(e))
+            except (ValueError, TypeError, OverflowError) as exc:
+                # One event that cannot be packed must not take its whole batch with it.
+                log.warning("predlog_event_skipped", id=e.id, model=e.model, reason=repr(exc))
+        return _insert(conn, rows), len(events) - len(rows)
 
     def _row(self, e: PredictionEvent) -> tuple[Any, ...]:
         outputs = pack_arrays(e.outputs)
@@ -176,10 +206,21 @@ class PredictionLog:
         return (e.id, e.model, e.version, e.ts, outputs, inputs, size)
 
     async def lookup(self, ids: list[str]) -> dict[str, Prediction]:
-        """Predictions by id (unknown and expired ids are simply absent)."""
+        """Predictions by id (unknown and expired ids are simply absent).
+
+        Raises ``Unavailable`` (503, retry) when the log cannot be read, so a disk problem
+        never answers feedback as if its ids were unknown.
+        """
         await self.flush()
         horizon = self._clock.wall() - self.settings.ttl_s
-        rows = await self._db.run(lambda conn: _select(conn, ids, horizon))
+        try:
+            rows = await self._db.run(lambda conn: _select(conn, ids, horizon))
+        except sqlite3.Error as exc:
+            raise Unavailable(
+                f"prediction log {self._db.path} cannot be read ({exc}); nothing was "
+                "accepted, retry later (check the disk under [state] dir)",
+                retry_after_s=5.0,
+            ) from exc
         return {
             r[0]: Prediction(
                 r[0], r[1], r[2], r[3], unpack_arrays(r[4]), unpack_arrays(r[5]) if r[5] else None
@@ -188,11 +229,13 @@ class PredictionLog:
         }
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.settings.flush_s)
             await self.flush()
+            if self._stop.is_set():
+                return
             overdue = self._clock.monotonic() - self._last_trim > _TRIM_EVERY_S
             if overdue or self._bytes > self.settings.max_bytes:
                 await self._trim()
@@ -243,7 +286,8 @@ def _trim(conn: sqlite3.Connection, horizon: float, max_bytes: int) -> int:
             target = total - int(max_bytes * 0.9)
             conn.execute(
                 "DELETE FROM predictions WHERE ts <= (SELECT ts FROM (SELECT ts, SUM(size) "
-                "OVER (ORDER BY ts) AS acc FROM predictions) WHERE acc >= ? LIMIT 1)",
+                "OVER (ORDER BY ts) AS acc FROM predictions) WHERE acc >= ? ORDER BY acc "
+                "LIMIT 1)",
                 (target,),
             )
             total = int(

@@ -4,8 +4,15 @@
 feedback request, joins it with the log, hands the joined records to ``emit`` (the
 outbox, wired by app.py) and answers only once ``emit`` returned, i.e. once the records
 are durable. It also samples captures (``[capture] rate``) for retraining and hands them
-to ``capture`` (the bounded upstream pump).
-This module must not import the upstream package: ``emit`` is its only way out.
+to ``capture`` (the bounded upstream pump), which also takes the live-quality reports of
+each closed window (``metrics`` records; the window tumbles when feedback arrives).
+This module must not import the upstream package: ``emit`` and ``capture`` are its only
+ways out.
+
+A feedback record upstream carries ``id``, ``label`` (canonical: the class name when the
+manifest names the index) or ``value``, ``predicted`` in the same form (one value for a
+one-row prediction, a list per row otherwise), the prediction's ``outputs``, its sampled
+``inputs`` when kept, ``prediction_ts`` and ``delay_s``.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class FeedbackLoop:
         records = parse_feedback(doc)
         predictions = await self.predlog.lookup(list({r.id for r in records}))
         now = self._clock.wall()
+        self._roll_quality(now)
         joined, unknown = join(records, predictions, self._labels_of(), now)
         if joined:
             await self._emit([_upstream(j, now) for j in joined])
@@ -89,6 +97,14 @@ class FeedbackLoop:
         if unknown:
             log.info("feedback_unknown_ids", count=len(unknown), sample=unknown[:5])
         return {"accepted": len(joined), "unknown": len(unknown), "unknown_ids": unknown[:20]}
+
+    def _roll_quality(self, now: float) -> None:
+        """Close the quality window when it is over and ship its reports (metrics records)."""
+        closed = self.quality.roll(now)
+        if not closed or self._capture is None:
+            return
+        for (model, version), report in closed.items():
+            self._capture(UpstreamRecord("metrics", now, model, version, {"quality": report}))
 
     def _count(self, j: Joined) -> None:
         key = (j.prediction.model, j.prediction.version)
@@ -106,20 +122,32 @@ class FeedbackLoop:
 
 def _upstream(j: Joined, now: float) -> UpstreamRecord:
     fb, pred = j.feedback, j.prediction
+    given = fb.value if fb.value is not None else fb.label
     payload: dict[str, Any] = {
         "id": fb.id,
         "prediction_ts": pred.ts,
         "delay_s": round(j.delay_s, 3),
         "outputs": _plain(pred.outputs),
-        "predicted": j.predicted,
+        "predicted": _like(given, j.predicted),
     }
     if fb.value is not None:
         payload["value"] = fb.value
     else:
-        payload["label"] = fb.label
+        payload["label"] = _like(given, j.truth)
     if pred.inputs is not None:
         payload["inputs"] = _plain(pred.inputs)
     return UpstreamRecord("feedback", now, pred.model, pred.version, payload)
+
+
+def _like(given: object, values: list[Any] | None) -> Any:
+    """``values`` shaped as the client gave its label: a list for a list, else one value.
+
+    A one-value label against a several-row prediction keeps the list (the upstream sees
+    that they do not compare); no prediction gives ``None``.
+    """
+    if values is None or isinstance(given, list) or len(values) != 1:
+        return values
+    return values[0]
 
 
 def _plain(arrays: dict[str, Any]) -> dict[str, Any]:

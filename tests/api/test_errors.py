@@ -156,7 +156,11 @@ class TestFuzz:
         body=st.one_of(
             st.binary(max_size=300),
             st.recursive(
-                st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                st.none()
+                | st.booleans()
+                | st.integers(-(2**63), 2**63 - 1)
+                | st.floats()
+                | st.text(max_size=8),
                 lambda children: (
                     st.lists(children, max_size=4)
                     | st.dictionaries(
@@ -181,7 +185,11 @@ class TestFuzz:
             ).map(lambda v: __import__("orjson").dumps(v, option=0)),
         ),
         ctype=st.sampled_from(["application/json", "application/msgpack", ""]),
-        binary_header=st.one_of(st.none(), st.integers(-5, 400).map(str), st.text(max_size=4)),
+        binary_header=st.one_of(
+            st.none(),
+            st.integers(-5, 400).map(str),
+            st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=4),
+        ),
     )
     async def test_no_500(
         self, agent: Agent, body: bytes, ctype: str, binary_header: str | None
