@@ -15,11 +15,14 @@ echo "== installing edge-agent"
 
 work="$(mktemp -d)"
 agent_pid=""
+collector_pid=""
 cleanup() {
-    if [ -n "$agent_pid" ] && kill -0 "$agent_pid" 2>/dev/null; then
-        kill -TERM "$agent_pid" 2>/dev/null || true
-        wait "$agent_pid" 2>/dev/null || true
-    fi
+    for pid in "$agent_pid" "$collector_pid"; do
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -35,6 +38,20 @@ echo "== edge-agent baseline (profile the training data and the model's outputs 
     -o "$work/models/breast_cancer_baseline.msgpack"
 printf '\n[drift]\nbaseline = "breast_cancer_baseline.msgpack"\n' >> "$work/models/breast_cancer.toml"
 
+# The reference collector stands in for the upstream service.
+echo "== starting the reference collector (scripts/collector.py)"
+.venv/bin/python scripts/collector.py --host 127.0.0.1 --port 0 --db "$work/collector.db" \
+    --token demo-upstream-token >"$work/collector.log" 2>&1 &
+collector_pid=$!
+collector=""
+for _ in $(seq 1 100); do
+    collector="$(sed -n 's/^collector listening on \(http[^ ]*\).*/\1/p' "$work/collector.log" | head -n1)"
+    [ -n "$collector" ] && break
+    sleep 0.1
+done
+[ -n "$collector" ] || { cat "$work/collector.log"; echo "collector did not start"; exit 1; }
+echo "== collector at $collector"
+
 cat > "$work/config.toml" <<TOML
 [server]
 port = 0
@@ -46,6 +63,10 @@ probation_s = 0
 dir = "$work/state"
 [drift]
 min_rows = 100
+[upstream]
+url = "$collector/v1/batches"
+token = "demo-upstream-token"
+flush_interval_s = 1.0
 [log]
 format = "json"
 access_log = false
@@ -64,7 +85,8 @@ done
 [ -n "$port" ] || { cat "$work/agent.log"; echo "agent did not start"; exit 1; }
 echo "== agent pid $agent_pid listening on http://127.0.0.1:$port"
 
-.venv/bin/python scripts/demo_tour.py --url "http://127.0.0.1:$port" --drop "$work/models"
+.venv/bin/python scripts/demo_tour.py --url "http://127.0.0.1:$port" --drop "$work/models" \
+    --collector "$collector" --collector-token demo-upstream-token
 
 echo "== stopping edge-agent (SIGTERM: drain, flush, exit 0)"
 kill -TERM "$agent_pid"

@@ -219,15 +219,30 @@ def tour_release(base: str, drop: Path) -> None:
     cli("status", "--url", base)
 
 
+def tour_feedback(base: str, collector: str, token: str | None) -> None:
+    """Ground truth comes back, joins its predictions, and reaches the collector."""
+    step("Feedback: predictions with ids, then their true labels; shipped to the collector")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo_feedback import feedback_demo  # a sibling script, not a package
+
+    result = feedback_demo(base, collector, collector_token=token, timeout_s=30.0)
+    if result["delivered"] != result["expected"]:
+        raise SystemExit(f"feedback did not reach the collector: {result}")
+
+
 def main() -> int:
     """Run the tour."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
     parser.add_argument("--drop", type=Path, required=True)
+    parser.add_argument("--collector", help="reference collector URL (enables the feedback step)")
+    parser.add_argument("--collector-token")
     args = parser.parse_args()
     tour_predictions(args.url)
     tour_drift(args.url)
     tour_release(args.url, args.drop)
+    if args.collector:
+        tour_feedback(args.url, args.collector, args.collector_token)
     print("\nTour complete.")
     return 0
 
