@@ -173,7 +173,7 @@ class Drift:
     reference_rows: int = _setting(1000, ge=10)
     psi_warn: float = _setting(0.1, gt=0)
     psi_alert: float = _setting(0.25, gt=0)
-    min_rows: int = _setting(100, ge=1)
+    min_rows: int = _setting(300, ge=1)
     alert_share: float = _setting(0.0, ge=0, le=1)
     queue_size: int = _setting(1024, ge=1)
 
