@@ -2,122 +2,404 @@
 
 Signals only set events; the main coroutine does the work in named steps:
 
+- preflight (before anything loads): the TLS files and token files must be readable, else
+  a ``ConfigError`` naming the key (exit 2); the soft open-files limit is raised to the
+  hard one, so a crowd of slow clients runs out of patience before we run out of fds;
 - start: build the app, load the initial models (cleanup contexts), bind the port,
-  then READY=1 and a STATUS line;
-- SIGHUP: RELOADING=1, re-read the config file, apply what can change live, report
-  what cannot, keep the running config if the file is broken, READY=1;
-- SIGTERM/SIGINT: STOPPING=1; stop accepting (readiness turns 503, the listening
-  socket closes); drain in-flight requests for up to ``drain_timeout_s``; run the
-  cleanup contexts in reverse (flush taps, close the outbox); exit 0. A second
-  SIGTERM/SIGINT forces the exit at once (code 1).
+  then ``READY=1`` and a ``STATUS=`` line; ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``
+  from the event loop (a blocked loop stops the pings, and systemd restarts us);
+- SIGHUP: ``RELOADING=1``, re-read the config file (and token files), apply what can
+  change live (``app.LIVE_PREFIXES``), log plainly what needs a restart (those keys keep
+  their running values), keep the running config if the file is broken, ``READY=1``;
+- SIGTERM/SIGINT: ``STOPPING=1``; stop accepting (readiness turns 503, the listening
+  socket closes, responses carry ``Connection: close``); drain: wait up to
+  ``[server] drain_timeout_s`` for the requests already admitted, including those whose
+  body is still arriving; then close idle connections, cancel what is left after a short
+  grace (logged and counted), run the cleanup contexts in reverse (watcher, registry,
+  taps, shipper flush, outbox close) and exit 0. A second SIGTERM/SIGINT exits at once
+  with code 1, even if the event loop is stuck.
+
+Test hook, off by default: with ``EDGE_AGENT_DEBUG_BLOCK_LOOP_ON_SIGUSR1=<seconds>`` in
+the environment, SIGUSR1 blocks the event loop with ``time.sleep`` for that long (and
+says so in ``STATUS=``), to show that the watchdog pings stop when the loop is stuck.
+Without the variable SIGUSR1 keeps its default action. Never set it in production.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import os
+import resource
 import signal
 import ssl
+import stat
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
+import orjson
 import structlog
 from aiohttp import web
 
 from agent import config as config_module
 from agent import logs
+from agent.api.middleware import TRACKER, RequestTracker
 from agent.api.services import SERVICES
-from agent.app import REGISTRY, build_app, reconfigure
+from agent.app import LIVE_PREFIXES, REGISTRY, build_app, reconfigure
 from agent.config import Config
-from agent.errors import ConfigError
+from agent.errors import ConfigError, ConfigProblem
 from agent.systemd import Notifier, watchdog_loop
 
 log = structlog.get_logger(__name__)
 
+#: Seconds SIGUSR1 blocks the event loop for (test hook; unset = SIGUSR1 untouched).
+DEBUG_BLOCK_ENV = "EDGE_AGENT_DEBUG_BLOCK_LOOP_ON_SIGUSR1"
+_DEBUG_BLOCK_MAX_S = 600.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_FORCED_EXIT_CODE = 1
+_CANCEL_GRACE_S = 1.0
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+# -- signals ---------------------------------------------------------------------------------
+
 
 class _Signals:
-    """Events set by signal handlers; the handlers do nothing else."""
+    """Events set by signal handlers; the handlers do nothing else.
+
+    After the first SIGTERM/SIGINT, both are re-installed as plain ``signal.signal``
+    handlers that exit at once: those run in the main thread between bytecodes, so the
+    second signal works even while the event loop is blocked (e.g. joining a thread).
+    """
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()
         self.reload = asyncio.Event()
-        self.count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_signal_handler(signal.SIGTERM, self._on_stop)
-        loop.add_signal_handler(signal.SIGINT, self._on_stop)
+    def install(
+        self, loop: asyncio.AbstractEventLoop, on_usr1: Callable[[], None] | None = None
+    ) -> None:
+        self._loop = loop
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload.set)
+        if on_usr1 is not None:
+            loop.add_signal_handler(signal.SIGUSR1, on_usr1)
 
-    def _on_stop(self) -> None:
-        self.count += 1
-        if self.count > 1:
-            os._exit(1)  # second signal: the operator insists; no more draining
+    def uninstall(self) -> None:
+        """Give every signal back its default action."""
+        if self._loop is not None:
+            for sig in (signal.SIGHUP, signal.SIGUSR1, *_STOP_SIGNALS):
+                self._loop.remove_signal_handler(sig)
+        for sig in _STOP_SIGNALS:
+            signal.signal(
+                sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler
+            )
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        log.info("signal_received", signal=sig.name, action="stop; send it again to force")
         self.stop.set()
+        assert self._loop is not None
+        for other in _STOP_SIGNALS:
+            self._loop.remove_signal_handler(other)
+            signal.signal(other, _force_exit)
+
+
+def _force_exit(signum: int, frame: FrameType | None) -> None:
+    """Second SIGTERM/SIGINT: the operator insists; no more draining."""
+    # os.write, not the logger: this may interrupt the logger in the middle of a line.
+    line = {"event": "forced_exit", "level": "warning", "signal": signal.Signals(signum).name}
+    os.write(2, orjson.dumps({**line, "exit_code": _FORCED_EXIT_CODE}) + b"\n")
+    os._exit(_FORCED_EXIT_CODE)
+
+
+def _debug_block_seconds(environ: Mapping[str, str]) -> float | None:
+    """The test hook's blocking time from the environment, or None when it is off."""
+    raw = environ.get(DEBUG_BLOCK_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= _DEBUG_BLOCK_MAX_S:
+        log.warning(
+            "debug_hook_ignored",
+            variable=DEBUG_BLOCK_ENV,
+            value=raw,
+            expected=f"seconds, > 0 and <= {_DEBUG_BLOCK_MAX_S:g}",
+        )
+        return None
+    return seconds
+
+
+def _block_loop_hook(
+    seconds: float, notifier: Notifier, app: web.Application
+) -> Callable[[], None]:
+    """The SIGUSR1 test hook: block the event loop on purpose (see the module docstring)."""
+
+    def block() -> None:
+        log.warning("debug_loop_blocking", seconds=seconds, variable=DEBUG_BLOCK_ENV)
+        notifier.status(f"debug hook: event loop blocked for {seconds:g} s (SIGUSR1)")
+        time.sleep(seconds)  # blocking on purpose: that is the whole point of this hook
+        notifier.status(_status_line(app))
+        log.warning("debug_loop_unblocked", seconds=seconds)
+
+    return block
+
+
+# -- preflight -------------------------------------------------------------------------------
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS context for ``[server] cert_file``/``key_file``, or None for plain HTTP.
+
+    Raises:
+        ConfigError: when the files cannot be read or do not hold a matching pair.
+    """
     server = config.server
     if server.cert_file is None or server.key_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(server.cert_file, server.key_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(server.cert_file, server.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise _startup_error(
+            config,
+            "server.cert_file",
+            f"cannot load the certificate {server.cert_file} with the key {server.key_file} "
+            f"({exc}); check both paths, that the agent's user can read them, and that the "
+            "key belongs to the certificate (both PEM)",
+        ) from exc
     return context
 
 
-def _status_line(app: web.Application) -> str:
-    registry = app[REGISTRY]
-    ready = sum(1 for e in registry.models.values() if e.active is not None)
-    failed = sum(1 for e in registry.models.values() if e.state == "failed")
-    return f"serving {ready} model(s), {failed} failed"
-
-
-async def serve(config: Config, config_path: Path | None, notifier: Notifier) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
-    signals = _Signals()
-    signals.install(asyncio.get_running_loop())
-    app = build_app(config)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None,
-        keepalive_timeout=config.server.keepalive_timeout_s,
-        shutdown_timeout=config.server.drain_timeout_s,
-    )
-    # Step 1: load the initial models (the cleanup contexts' startup halves).
-    await runner.setup()
-    try:
-        # Step 2: bind; only then are we ready.
-        site = web.TCPSite(runner, config.server.host, config.server.port,
-                           ssl_context=_ssl_context(config), backlog=1024)
-        await site.start()
-        port = runner.addresses[0][1] if runner.addresses else config.server.port
-        log.info("server_listening", host=config.server.host, port=port,
-                 tls=config.server.cert_file is not None, pid=os.getpid())
-        notifier.ready()
-        notifier.status(_status_line(app))
-        watchdog = _start_watchdog(notifier)
+def _token_file_problems(config: Config) -> list[ConfigProblem]:
+    """Read each token file once, so a missing file is a clear problem, not a traceback."""
+    auth = config.auth
+    problems: list[ConfigProblem] = []
+    for key, path in (
+        ("auth.predict_token_file", auth.predict_token_file),
+        ("auth.admin_token_file", auth.admin_token_file),
+        ("upstream.token_file", config.upstream.token_file),
+    ):
+        if path is None:
+            continue
         try:
-            await _until_stopped(app, signals, config_path, notifier)
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-                await asyncio.gather(watchdog, return_exceptions=True)
-        # Step 3: stop accepting and drain (aiohttp waits for handlers up to the timeout).
+            path.read_text(encoding="utf-8")
+            mode = path.stat().st_mode
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(
+                ConfigProblem(
+                    key,
+                    0,
+                    f"cannot read the token file {path} ({reason}); check the path and that "
+                    "the agent's user can read it (one token per line, UTF-8)",
+                )
+            )
+            continue
+        if mode & stat.S_IROTH:
+            log.warning("token_file_readable_by_others", key=key, path=str(path), fix="chmod o-r")
+    return problems
+
+
+def _preflight(config: Config) -> ssl.SSLContext | None:
+    """Check what must be readable before loading anything; the TLS context, if any.
+
+    Raises:
+        ConfigError: with every TLS and token file problem found.
+    """
+    problems = _token_file_problems(config)
+    context = None
+    try:
+        context = _ssl_context(config)
+    except ConfigError as exc:
+        problems = exc.problems + problems
+    if problems:
+        raise ConfigError(str(config.source) if config.source else "<config>", problems)
+    return context
+
+
+def _startup_error(config: Config, key: str, message: str) -> ConfigError:
+    source = str(config.source) if config.source else "<config>"
+    return ConfigError(source, [ConfigProblem(key, 0, message)])
+
+
+def _raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: each client costs an fd (we use epoll)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open_files_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+        return
+    log.debug("open_files_limit_raised", soft=hard, was=soft)
+
+
+# -- status and warnings ---------------------------------------------------------------------
+
+
+def _status_line(app: web.Application) -> str:
+    """The one-line ``STATUS=`` summary (``systemctl status`` shows it)."""
+    if REGISTRY not in app:
+        return "starting"
+    models = app[REGISTRY].models.values()
+    ready = sum(1 for e in models if e.active is not None)
+    failed = sum(1 for e in models if e.state == "failed")
+    line = f"serving {ready} model(s), {failed} failed"
+    refused = app[SERVICES].extras.get("drop_dir_error")
+    if refused:
+        line += f"; DROP DIR REFUSED: {refused}"
+    return line
+
+
+def _warn_about_auth(app: web.Application) -> None:
+    """Say so when the auth settings are probably not what the operator meant."""
+    services = app[SERVICES]
+    predict, admin = services.extras.get("tokens") or ((), ())
+    host = services.config.server.host
+    if predict and not admin:
+        log.warning(
+            "auth_admin_routes_open",
+            hint="predict tokens are set but no admin token: /v1 routes need no token; "
+            "set [auth] admin_tokens or admin_token_file",
+        )
+    if not predict and not admin and host not in _LOOPBACK:
+        log.warning(
+            "auth_off_on_network",
+            host=host,
+            hint="anyone who reaches this address can predict and deploy; "
+            "set [auth] tokens or bind to 127.0.0.1",
+        )
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+async def serve(
+    config: Config,
+    config_path: Path | None,
+    notifier: Notifier,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    app = build_app(config)
+    tracker = RequestTracker()
+    app[TRACKER] = tracker  # set before start-up: the app is frozen afterwards
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=config.server.keepalive_timeout_s,
+        # The drain (step 4) has waited already; this is the grace before cancelling.
+        shutdown_timeout=min(_CANCEL_GRACE_S, config.server.drain_timeout_s),
+    )
+    signals = _Signals()
+    block_s = _debug_block_seconds(os.environ if environ is None else environ)
+    hook = _block_loop_hook(block_s, notifier, app) if block_s is not None else None
+    signals.install(asyncio.get_running_loop(), hook)
+    if hook is not None:
+        log.warning("debug_hook_enabled", variable=DEBUG_BLOCK_ENV, seconds=block_s)
+    try:
+        # Step 1: load the initial models (the cleanup contexts' startup halves).
+        await runner.setup()
+        _export_tracker(app, tracker)
+        # Step 2: bind; only then are we ready. A stop asked for during loading skips it.
+        if not signals.stop.is_set():
+            if not await _bind(runner, config, ssl_context):
+                return 1
+            await _run_until_stopped(app, signals, config_path, notifier)
+        # Step 3: stop accepting: readiness turns 503, the listening socket closes, and
+        # responses carry "Connection: close" so keep-alive clients go elsewhere.
         notifier.stopping()
         app[SERVICES].accepting = False
-        inflight = sum(e.active.leases for e in app[REGISTRY].models.values() if e.active)
-        log.info("draining", inflight=inflight, timeout_s=config.server.drain_timeout_s)
+        for site in list(runner.sites):
+            await site.stop()
+        # Step 4: drain: wait for the requests already admitted, bodies still arriving
+        # included (aiohttp's own shutdown stops reading them, so it comes after).
+        notifier.status(f"stopping: draining {tracker.active} request(s)")
+        await _drain(tracker, config.server.drain_timeout_s)
     finally:
-        # Step 4: close the listener, wait for in-flight requests, then run every
-        # component's cleanup in reverse order (watcher, registry, taps, outbox).
+        # Step 5: close idle connections, cancel what the drain left (after a short
+        # grace), and run every component's cleanup in reverse order (watcher,
+        # registry, taps, shipper flush, outbox close).
         await runner.cleanup()
-    log.info("stopped", exit_code=0)
+        signals.uninstall()
+    log.info("stopped", cancelled=tracker.cancelled, exit_code=0)
     return 0
+
+
+async def _drain(tracker: RequestTracker, timeout_s: float) -> None:
+    """Wait until no request is being handled, or ``timeout_s`` has passed."""
+    log.info("draining", inflight=tracker.active, timeout_s=timeout_s)
+    if not await tracker.wait_idle(timeout_s):
+        log.warning("drain_timed_out", inflight=tracker.active, timeout_s=timeout_s)
+
+
+def _export_tracker(app: web.Application, tracker: RequestTracker) -> None:
+    app[SERVICES].metrics.gauge(
+        "edge_agent_http_requests_in_flight",
+        "HTTP requests being handled now, all routes.",
+        (),
+        lambda: [((), float(tracker.active))],
+    )
+
+
+async def _bind(runner: web.AppRunner, config: Config, context: ssl.SSLContext | None) -> bool:
+    """Listen on ``[server] host``/``port``; False (logged) when the address is taken."""
+    host, port = config.server.host, config.server.port
+    site = web.TCPSite(runner, host, port, ssl_context=context, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error(  # noqa: TRY400 -- the OS error says it all; a traceback adds noise
+            "bind_failed",
+            host=host,
+            port=port,
+            error=str(exc),
+            fix="stop the process using this address or change [server] host/port",
+        )
+        return False
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("server_listening", host=host, port=bound, tls=context is not None, pid=os.getpid())
+    return True
+
+
+async def _run_until_stopped(
+    app: web.Application, signals: _Signals, config_path: Path | None, notifier: Notifier
+) -> None:
+    """READY=1, then serve (reloading on SIGHUP) until a stop signal; the watchdog runs here."""
+    _warn_about_auth(app)
+    notifier.ready()
+    notifier.status(_status_line(app))
+    watchdog = _start_watchdog(notifier)
+    try:
+        await _until_stopped(app, signals, config_path, notifier)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
 
 
 def _start_watchdog(notifier: Notifier) -> asyncio.Task[None] | None:
     interval = notifier.watchdog_interval_s()
     if interval is None:
         return None
-    return asyncio.get_running_loop().create_task(watchdog_loop(notifier, interval),
-                                                  name="watchdog")
+    log.info("watchdog_started", interval_s=interval)
+    return asyncio.get_running_loop().create_task(
+        watchdog_loop(notifier, interval), name="watchdog"
+    )
 
 
 async def _until_stopped(
@@ -129,37 +411,98 @@ async def _until_stopped(
         await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
         for fut in (stop, reload):
             fut.cancel()
+        await asyncio.gather(stop, reload, return_exceptions=True)
         if signals.reload.is_set() and not signals.stop.is_set():
             signals.reload.clear()
             await _reload(app, config_path, notifier)
 
 
+# -- SIGHUP ----------------------------------------------------------------------------------
+
+
 async def _reload(app: web.Application, config_path: Path | None, notifier: Notifier) -> None:
+    """RELOADING=1, apply the config file, READY=1 (also when the file was refused)."""
     notifier.reloading()
     try:
-        if config_path is None:
-            log.info("config_reload_skipped", reason="started without --config; nothing to re-read")
-            return
-        try:
-            new = await asyncio.to_thread(config_module.load, config_path)
-        except ConfigError as exc:
-            log.warning("config_reload_refused", path=str(config_path),
-                      problems=[str(p) for p in exc.problems], keeping="the running config")
-            return
-        live, restart = reconfigure(app, new)
-        logs.configure(new.log.level, new.log.format)
-        log.info("config_reloaded", path=str(config_path), applied=live)
-        if restart:
-            log.warning("config_change_needs_restart", keys=restart,
-                        hint="these keys keep their old values until `systemctl restart`")
+        await _apply_config_file(app, config_path)
     finally:
         notifier.ready()
         notifier.status(_status_line(app))
 
 
+async def _apply_config_file(app: web.Application, config_path: Path | None) -> None:
+    if config_path is None:
+        log.info("config_reload_skipped", reason="started without --config; nothing to re-read")
+        return
+    old = app[SERVICES].config
+    try:
+        new = await asyncio.to_thread(_read_config, config_path)
+        restart = [k for k in config_module.diff(old, new) if not k.startswith(LIVE_PREFIXES)]
+        effective = _keep_running_values(old, new, restart)
+        # reconfigure reads the token files again before it changes anything: a file that
+        # vanished since _read_config still leaves the running config whole.
+        live, _ = reconfigure(app, effective)
+    except (ConfigError, OSError) as exc:
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        log.warning(
+            "config_reload_refused",
+            path=str(config_path),
+            problems=[str(p) for p in problems],
+            keeping="the running config",
+        )
+        return
+    logs.configure(effective.log.level, effective.log.format)
+    log.info("config_reloaded", path=str(config_path), applied=live)
+    if restart:
+        log.warning(
+            "config_change_needs_restart",
+            keys=restart,
+            hint="these keys keep their running values until `systemctl restart edge-agent`",
+        )
+    _warn_about_auth(app)
+
+
+def _read_config(path: Path) -> Config:
+    """The config file and its token files, checked as at start (raises ``ConfigError``)."""
+    new = config_module.load(path)
+    problems = _token_file_problems(new)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return new
+
+
+def _keep_running_values(old: Config, new: Config, keys: list[str]) -> Config:
+    """``new`` with the ``keys`` (``section.key``) that cannot change live set back to ``old``.
+
+    So the running config (``services.config``) always says what is really in effect.
+    """
+    sections: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = getattr(getattr(old, section), name)
+    replaced = {
+        section: dataclasses.replace(getattr(new, section), **values)
+        for section, values in sections.items()
+    }
+    return dataclasses.replace(new, **replaced)
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
 def run(config: Config, config_path: Path | None) -> int:
-    """Configure logging and run the service to completion."""
+    """Configure logging, check what must be readable, and run the service to completion.
+
+    Raises:
+        ConfigError: when a TLS or token file cannot be used (the CLI exits 2).
+    """
     logs.configure(config.log.level, config.log.format)
-    log.info("starting", config=str(config_path) if config_path else "defaults",
-             settings=config_module.describe(config))
-    return asyncio.run(serve(config, config_path, Notifier.from_env(os.environ)))
+    log.info(
+        "starting",
+        config=str(config_path) if config_path else "defaults",
+        settings=config_module.describe(config),
+    )
+    context = _preflight(config)
+    _raise_open_files_limit()
+    notifier = Notifier.from_env(os.environ)
+    return asyncio.run(serve(config, config_path, notifier, ssl_context=context))

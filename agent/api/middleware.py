@@ -11,6 +11,9 @@ may call every route; a predict token on an admin route is a 403. Health, server
 metadata and ``/metrics`` stay open. Tokens are compared in constant time and never
 logged, not even when wrong.
 
+While the agent stops (``Services.accepting`` is False) every response carries
+``Connection: close``, so keep-alive clients leave and the drain ends.
+
 Slow clients: aiohttp closes a connection whose request head has not arrived within
 ``[server] keepalive_timeout_s``; this middleware gives the body the same deadline
 (408 and the connection closed), so a client trickling bytes holds no handler forever.
@@ -26,7 +29,6 @@ import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 
 import orjson
@@ -46,12 +48,35 @@ _OPEN_PATHS = frozenset({"/v2", "/v2/", "/metrics", "/openapi.json"})
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-@dataclass(eq=False, slots=True)
 class RequestTracker:
     """Counts the requests being handled now, and those cut off by a shutdown."""
 
-    active: int = 0
-    cancelled: int = 0
+    def __init__(self) -> None:
+        self.active = 0
+        self.cancelled = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        """A request starts."""
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self, *, cancelled: bool = False) -> None:
+        """A request ends (``cancelled``: cut off by the shutdown)."""
+        self.active -= 1
+        self.cancelled += cancelled
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is being handled; False if ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 #: Set by the daemon before start-up; the middleware counts requests into it when present.
@@ -169,20 +194,23 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request[REQUEST_ID] = request.headers.get("X-Request-ID") or uuid.uuid4().hex
     tracker = request.app.get(TRACKER)
     if tracker is not None:
-        tracker.active += 1
+        tracker.enter()
+    cancelled = False
     try:
         response = await _handle(request, handler)
     except asyncio.CancelledError:
         # Only a shutdown past [server] drain_timeout_s cancels handlers.
-        if tracker is not None:
-            tracker.cancelled += 1
+        cancelled = True
         log.warning("request_cancelled", **_fields(request), reason="shutdown drain timed out")
         raise
     finally:
         if tracker is not None:
-            tracker.active -= 1
+            tracker.leave(cancelled=cancelled)
     response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
-    if request.app[SERVICES].config.log.access_log:
+    services = request.app[SERVICES]
+    if not services.accepting:
+        response.force_close()  # stopping: this connection takes no further request
+    if services.config.log.access_log:
         log.info(
             "request",
             **_fields(request),
