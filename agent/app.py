@@ -630,6 +630,7 @@ LIVE_PREFIXES = (
     "models.max_load_s",
     "models.keep_versions",
     "server.max_elements",
+    "server.max_rows",
     "capture.rate",
     "drift.window_s",
     "drift.reference_rows",

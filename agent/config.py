@@ -79,7 +79,7 @@ def _setting(
 ) -> T:
     """A dataclass field with a default and the constraints its TOML value must meet."""
     rule = _Rule(ge, gt, le, nonempty, secret, expected, check)
-    return field(default=default, metadata={"rule": rule})
+    return field(default=default, repr=not secret, metadata={"rule": rule})
 
 
 def _check_url(value: str) -> None:
@@ -119,6 +119,7 @@ class Server:
     key_file: Path | None = None
     max_body_bytes: int = _setting(67_108_864, ge=1024)
     max_elements: int = _setting(16_777_216, ge=1)
+    max_rows: int = _setting(4096, ge=1)
     drain_timeout_s: float = _setting(20.0, gt=0)
     keepalive_timeout_s: float = _setting(75.0, gt=0)
 

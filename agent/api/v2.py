@@ -155,6 +155,7 @@ async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> 
     """Check the request against the version and run it; count the version's failures."""
     try:
         live.runner.signature.check(decoded, live.name)
+        _check_rows(decoded, services.config.server.max_rows)
         wanted = (
             tuple(o.name for o in decoded.outputs)
             if decoded.outputs is not None
@@ -174,6 +175,15 @@ async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> 
     except AgentError as exc:
         services.metrics.requests.labels(live.name, str(live.version), str(int(exc.status))).inc()
         raise
+
+
+def _check_rows(decoded: InferRequest, limit: int) -> None:
+    rows = decoded.rows()
+    if rows > limit:
+        raise BadRequest(
+            f"the request has {rows} rows; at most {limit} per request ([server] max_rows): "
+            "split it into several requests"
+        )
 
 
 async def _read_body(request: web.Request) -> bytes:

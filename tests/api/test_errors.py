@@ -21,7 +21,7 @@ async def agent(make_agent: MakeAgent) -> Agent:
 
     return await make_agent(
         {"aff.onnx": modelgen.affine_model(2.0, 1.0)},
-        {"server": {"max_body_bytes": 4096, "max_elements": 1000}},
+        {"server": {"max_body_bytes": 4096, "max_elements": 1000, "max_rows": 8}},
     )
 
 
@@ -61,6 +61,7 @@ CASES = [
     ("not an object", b"[1, 2, 3]", 400, "object"),
     ("text where numbers go", _doc(data=["a", "b", "c", "d"]), 400, "FP32"),
     ("too many elements", _doc(shape=[1000, 4], data=[0]), 400, "at most 1000"),
+    ("too many rows", _doc(shape=[10, 4], data=[0] * 40), 400, "max_rows"),
 ]
 
 
