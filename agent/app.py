@@ -407,7 +407,13 @@ async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
 
     def attach(event: ModelEvent) -> None:
-        """A version went live (or came back): give drift its signature and baseline."""
+        """A version went live (or came back): give drift its signature and baseline;
+        a version that left service: let drift close its window and forget it."""
+        previous = event.detail.get("from")
+        if event.kind in ("swapped", "rolled_back") and previous not in (None, event.version):
+            monitor.detach(event.model, int(previous))
+        if event.kind == "unloaded" and event.version is not None:
+            monitor.detach(event.model, event.version)
         entry = registry.models.get(event.model)
         live = entry.active if entry else None
         if event.kind not in ("loaded", "swapped", "rolled_back") or live is None:
