@@ -356,11 +356,7 @@ async def _feedback_ctx(app: web.Application) -> AsyncIterator[None]:
         services.clock,
     )
     await predlog.open()
-    outbox = app[OUTBOX]
-
-    async def emit(records: list[UpstreamRecord]) -> None:
-        await outbox.put_many([to_outbox(r) for r in records])
-
+    emit = _outbox_emit(app[OUTBOX])
     loop = FeedbackLoop(
         predlog,
         Quality(fb.window_s),
@@ -387,18 +383,9 @@ async def _feedback_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     d = services.config.drift
-    outbox = app[OUTBOX]
-
-    async def emit(records: list[UpstreamRecord]) -> None:
-        await outbox.put_many([to_outbox(r) for r in records])
-
+    emit = _outbox_emit(app[OUTBOX])
     monitor = DriftMonitor(
-        window_s=d.window_s,
-        reference_rows=d.reference_rows,
-        psi_warn=d.psi_warn,
-        psi_alert=d.psi_alert,
-        min_rows=d.min_rows,
-        alert_share=d.alert_share,
+        **_drift_thresholds(services.config),
         queue_size=d.queue_size,
         clock=services.clock,
         emit=emit,
@@ -460,6 +447,27 @@ async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         services.drift = None
         await monitor.stop()
+
+
+def _outbox_emit(outbox: Outbox) -> Any:
+    """An ``emit`` for components whose records must be durable when it returns."""
+
+    async def emit(records: list[UpstreamRecord]) -> None:
+        await outbox.put_many([to_outbox(r) for r in records])
+
+    return emit
+
+
+def _drift_thresholds(config: Config) -> dict[str, Any]:
+    d = config.drift
+    return {
+        "window_s": d.window_s,
+        "reference_rows": d.reference_rows,
+        "psi_warn": d.psi_warn,
+        "psi_alert": d.psi_alert,
+        "min_rows": d.min_rows,
+        "alert_share": d.alert_share,
+    }
 
 
 def _upstream_status(app: web.Application) -> dict[str, Any]:
@@ -667,15 +675,7 @@ def reconfigure(app: web.Application, new: Config) -> tuple[list[str], list[str]
     if FEEDBACK in app:
         app[FEEDBACK].capture_rate = new.capture.rate
     if DRIFT in app:
-        d = new.drift
-        app[DRIFT].configure(
-            window_s=d.window_s,
-            reference_rows=d.reference_rows,
-            psi_warn=d.psi_warn,
-            psi_alert=d.psi_alert,
-            min_rows=d.min_rows,
-            alert_share=d.alert_share,
-        )
+        app[DRIFT].configure(**_drift_thresholds(new))
     registry = app[REGISTRY]
     registry.settings = registry_settings(new)
     for entry in registry.models.values():
