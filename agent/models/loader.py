@@ -39,11 +39,24 @@ async def prepare(
     executor: Executor,
     active: ModelSignature | None,
 ) -> OrtRunner:
-    """Build, check, QA and warm up a version within its time budget."""
+    """Build, check, QA and warm up a version within its time budget.
+
+    The budget starts when the work starts on the executor, not while it waits behind
+    another model's load. On a timeout the work is abandoned (a thread cannot be
+    stopped): ``ModelLoadError`` with step ``timeout``; the caller decides whether the
+    executor is still usable.
+    """
     manifest = bundle.manifest
     budget = manifest.max_load_s if manifest and manifest.max_load_s else settings.max_load_s
     loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(executor, _build, bundle, settings, active)
+    started = asyncio.Event()
+
+    def job() -> OrtRunner:
+        loop.call_soon_threadsafe(started.set)
+        return _build(bundle, settings, active)
+
+    work = loop.run_in_executor(executor, job)
+    await _until_started(work, started)
     try:
         return await asyncio.wait_for(work, budget)
     except TimeoutError:
@@ -54,7 +67,29 @@ async def prepare(
         ) from None
 
 
+async def _until_started(work: asyncio.Future[OrtRunner], started: asyncio.Event) -> None:
+    waiter = asyncio.ensure_future(started.wait())
+    either: set[asyncio.Future[Any]] = {work, waiter}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+
 def _build(bundle: Bundle, settings: LoadSettings, active: ModelSignature | None) -> OrtRunner:
+    try:
+        return _build_checked(bundle, settings, active)
+    except AgentError:
+        raise
+    except Exception as exc:
+        # Anything else is still this version's fault: refuse it, never crash the deploy.
+        raise ModelLoadError("load", f"unexpected failure: {_why(exc)}") from exc
+
+
+def _build_checked(
+    bundle: Bundle, settings: LoadSettings, active: ModelSignature | None
+) -> OrtRunner:
     runner = OrtRunner(bundle.model_path, settings.session)
     manifest = bundle.manifest
     if active is not None and not (manifest and manifest.signature_change):

@@ -52,6 +52,20 @@ class ProbationPolicy:
     max_p99_ratio: float
     min_requests: int
 
+    def overridden(
+        self,
+        probation_s: float | None,
+        max_error_rate: float | None,
+        max_p99_ratio: float | None,
+    ) -> ProbationPolicy:
+        """This policy with a manifest's ``[rollout]`` values where it sets them."""
+        return ProbationPolicy(
+            probation_s=self.probation_s if probation_s is None else probation_s,
+            max_error_rate=self.max_error_rate if max_error_rate is None else max_error_rate,
+            max_p99_ratio=self.max_p99_ratio if max_p99_ratio is None else max_p99_ratio,
+            min_requests=self.min_requests,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
