@@ -142,7 +142,13 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 def deploy_files(
     model: Path, root: Path, name: str, version: int | None, manifest: Path | None
 ) -> Path:
-    """Write the model (and manifest with its files) into the drop dir, model last."""
+    """Write the model (and manifest with its files) into the drop dir, model last.
+
+    Every file is first staged as a hidden temp file in its target folder (fsynced), and
+    only then renamed into place, the model last: the watcher never sees a manifest whose
+    model is still being copied. Without ``--manifest``, a manifest left from an earlier
+    deploy at the same place is removed, so it cannot describe the new bytes.
+    """
     if version is not None:
         folder = root / name / str(version)
         model_target, manifest_target = folder / "model.onnx", folder / "manifest.toml"
@@ -150,16 +156,37 @@ def deploy_files(
         folder = root
         model_target, manifest_target = root / f"{name}.onnx", root / f"{name}.toml"
     folder.mkdir(parents=True, exist_ok=True)
+    plan: list[tuple[Path, Path]] = []
     if manifest is not None:
         for rel in load_manifest(manifest).referenced_files():
-            _safe_copy(manifest.parent / rel, folder / rel)
-        _safe_copy(manifest, manifest_target)
-    _safe_copy(model, model_target)  # last: its rename is what the watcher acts on
+            target = folder / rel
+            if not target.resolve().is_relative_to(folder.resolve()):
+                raise AgentError(
+                    f"{manifest} refers to {rel}, outside its folder; put the file next to "
+                    "the manifest and use a relative path"
+                )
+            plan.append((manifest.parent / rel, target))
+        plan.append((manifest, manifest_target))
+    plan.append((model, model_target))
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for src, target in plan:
+            # One at a time: what was staged is known if a later copy fails.
+            staged.append((_stage(src, target), target))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    if manifest is None:
+        manifest_target.unlink(missing_ok=True)
+    for tmp, target in staged:  # the model is last: its rename is what the watcher acts on
+        os.replace(tmp, target)
+    _fsync_dir(folder)
     return model_target
 
 
-def _safe_copy(src: Path, dest: Path) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see half a file."""
+def _stage(src: Path, dest: Path) -> Path:
+    """Copy ``src`` to a hidden temp file beside ``dest`` and fsync it; returns the temp."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with src.open("rb") as fin, tmp.open("wb") as fout:
@@ -168,8 +195,11 @@ def _safe_copy(src: Path, dest: Path) -> None:
         shutil.copyfileobj(fin, fout, 1 << 20)
         fout.flush()
         os.fsync(fout.fileno())
-    os.replace(tmp, dest)
-    fd = os.open(dest.parent, os.O_RDONLY)
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -13,6 +13,16 @@ from agent.errors import BadRequest
 from agent.tensors import InferRequest, TensorSpec, v2_datatype
 
 
+def _dims_fit(kind: str, old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """Clients of the old version still fit: an input's fixed dim may only widen to -1 (it
+    still takes what clients send); an output's dynamic dim may narrow to a fixed one (it
+    still gives what clients accept), but a fixed dim must stay as it was."""
+    pairs = zip(old, new, strict=True)
+    if kind == "input":
+        return all(n in (-1, o) for o, n in pairs)
+    return all(o in (-1, n) for o, n in pairs)
+
+
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -113,9 +123,11 @@ class ModelSignature:
                     problems.append(
                         f'{kind} "{old.name}" changed datatype {old.datatype} -> {spec.datatype}'
                     )
-                elif len(spec.shape) != len(old.shape):
+                elif len(spec.shape) != len(old.shape) or not _dims_fit(
+                    kind, old.shape, spec.shape
+                ):
                     problems.append(
-                        f'{kind} "{old.name}" changed rank '
+                        f'{kind} "{old.name}" changed shape '
                         f"{old.describe_shape()} -> {spec.describe_shape()}"
                     )
             if kind == "input":

@@ -25,10 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent.errors import ModelLoadError
 from agent.models.dropdir import Candidate
 from agent.models.manifest import Manifest
 from agent.models.manifest import load as load_manifest
+
+log = structlog.get_logger(__name__)
 
 _CHUNK = 1 << 20
 _INCOMING = ".incoming-"
@@ -184,6 +188,11 @@ class Store:
         for rel in manifest.referenced_files():
             src = manifest_path.parent / rel
             target = dest / rel
+            if rel == manifest.baseline and not src.is_file():
+                # Drift is advisory: a missing baseline must not stop the model from serving.
+                # The drift report says the file is missing (the monitor cannot open it).
+                log.warning("drift_baseline_missing", manifest=str(manifest_path), baseline=rel)
+                continue
             if not src.is_file() or not target.resolve().is_relative_to(dest.resolve()):
                 raise ModelLoadError(
                     "manifest",

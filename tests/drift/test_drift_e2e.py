@@ -212,3 +212,18 @@ class TestABadBaseline:
         report = await report_until(agent, "tabular", lambda r: "baseline_error" in r)
         assert report["reference"] == "live"
         assert reason in report["baseline_error"]
+
+    async def test_a_missing_baseline_file_does_not_refuse_the_model(
+        self, make_agent: MakeAgent, models: dict[str, bytes]
+    ) -> None:
+        """A manifest naming a baseline that is not there: the model serves, drift says why."""
+        x, _ = modelgen.tabular_data("train")
+        files: dict[str, bytes | Path] = {
+            "tabular.onnx": models["tabular"],
+            "tabular.toml": manifest("tabular").encode(),
+        }
+        agent = await make_agent(files, DRIFT)
+        await send(agent, "tabular", "float_input", "FP32", x[:BATCH])
+        report = await report_until(agent, "tabular", lambda r: "baseline_error" in r)
+        assert report["reference"] == "live"
+        assert "tabular_baseline.msgpack" in report["baseline_error"]

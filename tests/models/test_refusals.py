@@ -158,7 +158,10 @@ class TestFirstLoad:
             '[validation]\ntest_vectors = "../vectors.npz"\n'
         )
         with capture_logs() as logs:
-            deploy(agent.models_dir, affine(2))
+            # A plain rename (edge-agent deploy would refuse to copy "../" files itself).
+            tmp = agent.models_dir / f".{NAME}.onnx.tmp"
+            tmp.write_bytes(affine(2))
+            os.replace(tmp, agent.models_dir / f"{NAME}.onnx")
             await _refused(agent, logs, "manifest:")
         await _serves(agent, 1)
         os.unlink(agent.models_dir / f"{NAME}.toml")

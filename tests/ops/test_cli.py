@@ -104,3 +104,38 @@ class TestDeploy:
         assert result.returncode == 0, result.stderr
         assert (agent.root / "models" / "ranker.onnx").is_file()
         wait_until(lambda: call(agent.url + "/v2/models/ranker/ready").status == 200)
+
+
+class TestDeployFiles:
+    """``edge-agent deploy`` writes the drop dir the safe way."""
+
+    def test_a_stale_manifest_is_removed(self, tmp_path: Path) -> None:
+        """Deploying without --manifest removes an earlier manifest at the same place."""
+        from agent.cli import deploy_files
+
+        drop = tmp_path / "drop"
+        drop.mkdir()
+        (drop / "m.toml").write_text("[model]\nversion = 1\n")
+        src = tmp_path / "m.onnx"
+        src.write_bytes(b"model bytes")
+        target = deploy_files(src, drop, "m", None, None)
+        assert target.read_bytes() == b"model bytes"
+        assert not (drop / "m.toml").exists()
+        assert sorted(p.name for p in drop.iterdir()) == ["m.onnx"]
+
+    def test_manifest_files_outside_its_folder_are_refused(self, tmp_path: Path) -> None:
+        """A manifest naming ../ files is refused before anything is written."""
+        from agent.cli import deploy_files
+        from agent.errors import AgentError
+
+        drop = tmp_path / "drop"
+        drop.mkdir()
+        (tmp_path / "src").mkdir()
+        manifest = tmp_path / "src" / "m.toml"
+        manifest.write_text('[validation]\ntest_vectors = "../v.npz"\n')
+        (tmp_path / "v.npz").write_bytes(b"x")
+        src = tmp_path / "m.onnx"
+        src.write_bytes(b"model bytes")
+        with pytest.raises(AgentError, match="outside its folder"):
+            deploy_files(src, drop, "m", None, manifest)
+        assert list(drop.iterdir()) == []
