@@ -25,8 +25,14 @@ from agent.tensors import Array, InferRequest, InferResponse, binary_outputs
 
 _MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
 #: Read as JSON. curl -d sends x-www-form-urlencoded; aiohttp defaults to octet-stream.
-_JSON_TYPES = frozenset({"application/json", "application/octet-stream", "text/plain",
-                         "application/x-www-form-urlencoded"})
+_JSON_TYPES = frozenset(
+    {
+        "application/json",
+        "application/octet-stream",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+    }
+)
 _ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "x-gzip"})
 _HEADER = "Inference-Header-Content-Length"
 
