@@ -218,7 +218,9 @@ class Profile:
 
     def dumps(self) -> bytes:
         """The baseline artifact as msgpack bytes."""
-        return msgpack.packb(self.to_document(), use_bin_type=True)
+        body = msgpack.packb(self.to_document(), use_bin_type=True)
+        assert isinstance(body, bytes)
+        return body
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any]) -> Profile:
