@@ -13,12 +13,16 @@ echo "== installing edge-agent and its test dependencies"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
     | grep -v "^WARNING: Location" || true
 
-# The systemd unit tests need systemd-analyze; install Debian's package when missing.
-if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
-    && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing systemd (for systemd-analyze)"
-    apt-get update -qq >/dev/null && apt-get install -y -qq systemd >/dev/null || \
-        echo "warning: could not install systemd; its tests will say so"
+# The systemd unit tests need systemd-analyze (and /bin/kill, for ExecReload); the install
+# script's test runs shellcheck. Install Debian's packages when they are missing.
+missing=()
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+[ -x /bin/kill ] || missing+=(procps)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing ${missing[*]}"
+    { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1 || \
+        echo "warning: could not install ${missing[*]}; the tests that need them say so"
 fi
 
 echo "== ruff format --check"
