@@ -16,6 +16,7 @@ echo "== installing edge-agent"
 work="$(mktemp -d)"
 agent_pid=""
 collector_pid=""
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
     for pid in "$agent_pid" "$collector_pid"; do
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
