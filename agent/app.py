@@ -67,6 +67,7 @@ def batch_settings(config: Config) -> BatchSettings:
         max_delay_ms=b.max_delay_ms,
         max_queue=b.max_queue,
         workers=b.workers,
+        inline_max_us=b.inline_max_us,
     )
 
 
@@ -636,6 +637,7 @@ LIVE_PREFIXES = (
     "batching.max_delay_ms",
     "batching.max_queue",
     "batching.enabled",
+    "batching.inline_max_us",
     "models.probation_s",
     "models.max_error_rate",
     "models.max_p99_ratio",

@@ -38,6 +38,12 @@ Emit = Callable[[list[UpstreamRecord]], Awaitable[None]]
 #: thousand rows, few enough that a report waiting for the lock waits only milliseconds.
 _MAX_DRAIN: Final = 64
 
+#: Predictions are folded in every ``_DRAIN_EVERY_S`` (or as soon as ``_WAKE_AT`` wait), not
+#: one thread hop per request: at high rates each hop then carries a large, cheap batch, and
+#: at low rates the sketches cost nothing between requests.
+_DRAIN_EVERY_S: Final = 0.2
+_WAKE_AT: Final = _MAX_DRAIN
+
 
 @dataclass(frozen=True, slots=True)
 class _Attach:
@@ -234,7 +240,8 @@ class DriftMonitor:
             return
         self._items.append(event)
         self._queued += 1
-        self._wakeup.set()
+        if self._queued >= _WAKE_AT:
+            self._wakeup.set()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -292,12 +299,17 @@ class DriftMonitor:
         log.info("drift_worker_stopped", dropped=self.dropped, errors=self.errors)
 
     async def _wait(self) -> None:
-        if self._items:
+        if self._queued >= _WAKE_AT or self._control_queued():
             return
         self._wakeup.clear()
-        timeout = min(self._tick_s, max(0.0, self._next_roll - self._clock.monotonic()))
+        cadence = _DRAIN_EVERY_S if self._items else self._tick_s
+        timeout = min(cadence, max(0.0, self._next_roll - self._clock.monotonic()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+
+    def _control_queued(self) -> bool:
+        """An attach, detach or drain is waiting: those are handled at once."""
+        return any(not isinstance(item, PredictionEvent) for item in self._items)
 
     async def _step(self, *, force_refresh: bool) -> None:
         batch = self._take()

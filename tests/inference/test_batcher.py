@@ -60,7 +60,7 @@ async def make_batcher(
     runner: OrtRunner, **kw: object
 ) -> AsyncIterator[tuple[Batcher, ThreadPoolExecutor]]:
     """A started batcher on its own pool; stopped afterwards."""
-    settings_ = BatchSettings(**{"workers": 1, "max_delay_ms": 0.0, **kw})  # type: ignore[arg-type]
+    settings_ = BatchSettings(**{"workers": 1, "max_delay_ms": 0.0, "inline_max_us": 0.0, **kw})  # type: ignore[arg-type]
     executor = ThreadPoolExecutor(settings_.workers)
     batcher = Batcher(
         runner,
@@ -219,7 +219,9 @@ class TestLimits:
     async def test_stop_fails_queued_requests_cleanly(self, runner: OrtRunner) -> None:
         """Stopping a batcher answers queued callers with 503 instead of leaving them hanging."""
         executor = ThreadPoolExecutor(1)
-        batcher = Batcher(runner, executor, BatchSettings(workers=1), SystemClock())
+        batcher = Batcher(
+            runner, executor, BatchSettings(workers=1, inline_max_us=0.0), SystemClock()
+        )
         batcher.start()
         with blocked(executor, 1) as gate:
             first = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
@@ -234,3 +236,25 @@ class TestLimits:
         with pytest.raises(Exception, match="unloading"):
             await queued
         executor.shutdown()
+
+
+class TestInline:
+    """Fast models skip the thread hand-off while the batcher is idle."""
+
+    async def test_fast_model_runs_on_the_loop_when_idle(self, runner: OrtRunner) -> None:
+        """With every executor thread busy, an idle fast model still answers (inline)."""
+        async with make_batcher(runner, inline_max_us=1e6) as (batcher, executor):
+            with blocked(executor, 1):
+                got = await asyncio.wait_for(batcher.infer({"float_input": X[:2]}, OUTPUTS), 5)
+        want = runner.run({"float_input": X[:2]}, OUTPUTS)
+        np.testing.assert_array_equal(got["label"], want["label"])
+
+    async def test_slow_model_goes_through_the_executor(self, runner: OrtRunner) -> None:
+        """Once a model's measured run time exceeds inline_max_us, requests are queued."""
+        async with make_batcher(runner, inline_max_us=1e-3) as (batcher, executor):
+            await batcher.infer({"float_input": X[:1]}, OUTPUTS)  # measured inline: too slow
+            with blocked(executor, 1):
+                queued = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
+                await asyncio.sleep(0.01)
+                assert not queued.done()
+            assert (await queued)["label"].shape == (1,)
