@@ -27,7 +27,6 @@ import asyncio
 import hashlib
 import hmac
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
@@ -164,6 +163,8 @@ async def _read_body(request: web.Request, timeout_s: float) -> web.Response | N
     """
     if request.method in _BODYLESS or not request.body_exists:
         return None
+    if request.content.is_eof():
+        return None  # the whole body is already here: no deadline to watch
     try:
         async with asyncio.timeout(timeout_s):
             await request.read()
@@ -191,7 +192,9 @@ async def _read_body(request: web.Request, timeout_s: float) -> web.Response | N
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, auth, body deadline, error rendering and the access log line."""
     start = time.perf_counter()
-    request[REQUEST_ID] = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    request[REQUEST_ID] = (
+        request.headers.get("X-Request-ID") or request.app[SERVICES].new_request_id()
+    )
     tracker = request.app.get(TRACKER)
     if tracker is not None:
         tracker.enter()

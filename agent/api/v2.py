@@ -9,8 +9,8 @@ a fresh one) is in every answer: it is the key for feedback.
 from __future__ import annotations
 
 import time
-import uuid
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -140,8 +140,9 @@ async def infer(request: web.Request) -> web.Response:
         outputs = await _run(services, live, decoded)
         latency = time.perf_counter() - start
         live.stats.record(latency, failed=False)
-    services.metrics.requests.labels(name, str(live.version), "200").inc()
-    services.metrics.request_seconds.labels(name, str(live.version)).observe(latency)
+    ok, seconds = _ok_metrics(services, name, live.version)
+    ok.inc()
+    seconds.observe(latency)
     response = InferResponse(
         model_name=name,
         model_version=str(live.version),
@@ -247,9 +248,20 @@ def _encode(response: InferResponse, fmt: str) -> web.Response:
     )
 
 
-def new_request_id() -> str:
-    """A fresh, unique request id."""
-    return uuid.uuid4().hex
+def _ok_metrics(services: Services, model: str, version: int) -> tuple[Any, Any]:
+    """The success counter and latency histogram of a version, looked up once."""
+    cache: dict[tuple[str, int], tuple[Any, Any]] = services.extras.setdefault("ok_metrics", {})
+    pair = cache.get((model, version))
+    if pair is None:
+        if len(cache) > 256:  # versions come and go: keep the cache bounded
+            cache.clear()
+        m = services.metrics
+        pair = (
+            m.requests.labels(model, str(version), "200"),
+            m.request_seconds.labels(model, str(version)),
+        )
+        cache[(model, version)] = pair
+    return pair
 
 
 __all__ = ["HTTPStatus", "routes"]
