@@ -14,8 +14,8 @@ and one dispatcher task turns the queue into runs on a bounded executor:
   caller's poisonous input fails only that caller.
 - a caller that gives up (cancelled) is skipped if still queued; if it is already
   running, its rows are computed and dropped.
-- inline: while idle, a model whose runs take less than ``inline_max_us`` (a moving
-  average of measured runs) runs on the event loop itself: for such models the hand-off to
+- inline: while idle, a model whose runs take less than ``inline_max_us`` (the median of
+  recently measured runs) runs on the event loop itself: for such models the hand-off to
   a thread, and the GIL hand-back, cost more than the inference (a 30-feature MLP takes
   about 40 µs). Slower models, and every request while others are queued or running, go
   through the queue and the executor.
@@ -45,6 +45,12 @@ from agent.tensors import Array
 log = structlog.get_logger(__name__)
 
 Outputs = dict[str, Array]
+
+#: A model too slow to run inline is still measured inline once per this many idle requests.
+_PROBE_EVERY = 256
+#: Inline runs not counted in the median: onnxruntime's first runs on a new thread
+#: allocate (the loader warmed the session up on its own thread), and take ten times longer.
+_INLINE_WARMUP = 3
 #: Called after each run with (rows, requests, seconds in onnxruntime, each request's queue wait).
 RunObserver = Callable[[int, int, float, list[float]], None]
 
@@ -102,9 +108,12 @@ class Batcher:
         self._runs: set[asyncio.Future[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        # Moving average of inline run times; None until measured. Above inline_max_us the
+        # Median of recent inline run times; None until measured. Above inline_max_us the
         # model goes through the queue and the executor (and is batched under load).
-        self._inline_cost_s: float | None = None if settings.inline_max_us > 0 else float("inf")
+        self._inline_cost_s: float | None = None
+        self._inline_times: deque[float] = deque(maxlen=15)
+        self._idle_skips = 0
+        self._inline_runs = 0
 
     @property
     def queue_depth(self) -> int:
@@ -164,10 +173,18 @@ class Batcher:
         return await future
 
     def _runs_inline(self) -> bool:
-        """Idle, and the model is so fast that a thread hand-off would cost more than it."""
+        """Idle, and the model is so fast that a thread hand-off would cost more than it.
+
+        A model measured as too slow is still probed inline now and then (one idle request
+        in ``_PROBE_EVERY``), so one slow first run does not exclude it for good.
+        """
+        if self._pending or self._inflight or self._closed or self._settings.inline_max_us <= 0:
+            return False
         cost = self._inline_cost_s
-        fast = cost is None or cost * 1e6 < self._settings.inline_max_us
-        return fast and not self._pending and not self._inflight and not self._closed
+        if cost is None or cost * 1e6 < self._settings.inline_max_us:
+            return True
+        self._idle_skips += 1
+        return self._idle_skips % _PROBE_EVERY == 0
 
     def _run_inline(self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int) -> Outputs:
         start = self._clock.monotonic()
@@ -179,8 +196,12 @@ class Batcher:
             raise InferenceFailed(f"model {self._label} failed on this input: {exc}") from exc
         finally:
             elapsed = self._clock.monotonic() - start
-            previous = self._inline_cost_s
-            self._inline_cost_s = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+            self._inline_runs += 1
+            if self._inline_runs > _INLINE_WARMUP:  # the first runs on this thread are cold
+                self._inline_times.append(elapsed)
+                # The median of recent runs: one pause (GC, a busy core) must not exclude a
+                # fast model from the inline path for thousands of requests.
+                self._inline_cost_s = sorted(self._inline_times)[len(self._inline_times) // 2]
             if self._observe is not None:
                 self._observe(rows, 1, elapsed, [0.0])
         return result
