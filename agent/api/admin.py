@@ -12,6 +12,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from agent import __version__
 from agent.api.services import SERVICES, Services
 from agent.errors import BadRequest, NotFound, Unavailable
 from agent.models.registry import ModelEntry
@@ -155,3 +156,29 @@ async def drift(request: web.Request) -> web.Response:
     if services.drift is None:
         raise NotFound("drift monitoring is off ([drift] enabled = false)")
     return _json(services.drift.report(request.match_info["name"], window))
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """A minimal OpenAPI 3.1 document: every route and method this agent serves."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in request.app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if not path or route.method == "HEAD":
+            continue
+        doc = (getattr(route.handler, "__doc__", None) or "").strip().splitlines()
+        paths.setdefault(path, {})[route.method.lower()] = {
+            "summary": doc[0] if doc else "",
+            "responses": {
+                "200": {"description": "OK"},
+                "default": {"description": 'Error: {"error": "<what and how to fix>"}'},
+            },
+        }
+    return _json(
+        {
+            "openapi": "3.1.0",
+            "info": {"title": "edge-agent", "version": __version__},
+            "paths": dict(sorted(paths.items())),
+        }
+    )
