@@ -371,7 +371,7 @@ async def _feedback_ctx(app: web.Application) -> AsyncIterator[None]:
     app[FEEDBACK] = loop
     services.feedback = loop
     _add_tap(services, loop.record)
-    _export_quality_gauges(services.metrics, loop)
+    _export_quality_gauges(services.metrics, loop, app)
     services.extras.setdefault("model_details", {})["quality"] = loop.quality.report
     services.extras.setdefault("status_sections", {})["upstream"] = lambda: _upstream_status(app)
     try:
@@ -501,7 +501,7 @@ def _add_tap(services: Services, tap: Any) -> None:
     services.on_prediction = taps[0] if len(taps) == 1 else fan_out
 
 
-def _export_quality_gauges(metrics: Metrics, loop: FeedbackLoop) -> None:
+def _export_quality_gauges(metrics: Metrics, loop: FeedbackLoop, app: web.Application) -> None:
     def quality() -> list[tuple[tuple[str, ...], float]]:
         return [
             ((model, str(version), key), float(report[key]))
@@ -522,11 +522,22 @@ def _export_quality_gauges(metrics: Metrics, loop: FeedbackLoop) -> None:
         ("outcome",),
         lambda: [(("accepted",), float(loop.accepted)), (("unknown",), float(loop.unknown))],
     )
+
+    def dropped() -> list[tuple[tuple[str, ...], float]]:
+        rows: list[tuple[tuple[str, ...], float]] = [
+            (("predlog", "prediction"), float(loop.predlog.dropped))
+        ]
+        if DRIFT in app:
+            rows.append((("drift", "prediction"), float(app[DRIFT].dropped)))
+        if PUMP in app:
+            rows += [(("pump", kind), float(n)) for kind, n in app[PUMP].dropped.items()]
+        return rows
+
     metrics.gauge(
-        "edge_agent_predlog_dropped",
-        "Predictions not logged (buffer full).",
-        (),
-        lambda: [((), float(loop.predlog.dropped))],
+        "edge_agent_tap_dropped",
+        "Records dropped before the outbox: a side tap's queue was full.",
+        ("tap", "kind"),
+        dropped,
     )
 
 

@@ -81,7 +81,7 @@ def _version_arg(request: web.Request) -> int | None:
     text = request.match_info.get("version")
     if text is None or text == "":
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise NotFound(f"version must be a positive integer, got {text!r}")
     return int(text)
 
@@ -139,7 +139,7 @@ async def infer(request: web.Request) -> web.Response:
         request[VERSION] = live.version
         outputs = await _run(services, live, decoded)
         latency = time.perf_counter() - start
-        live.stats.record(latency, failed=False)
+        live.stats.record(latency)
     ok, seconds = _ok_metrics(services, name, live.version)
     ok.inc()
     seconds.observe(latency)
@@ -159,9 +159,19 @@ async def infer(request: web.Request) -> web.Response:
 
 
 async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> dict[str, Array]:
-    """Check the request against the version and run it; count the version's failures."""
+    """Check the request against the version and run it; count the version's failures.
+
+    Probation counts two kinds of failure against a version: live requests its signature
+    rejects (a new version that refuses what clients send is unhealthy) and onnxruntime
+    failing on an input. Client mistakes that any version would refuse (too many rows,
+    text that is not UTF-8) are counted as 4xx but not held against the version.
+    """
     try:
-        live.runner.signature.check(decoded, live.name)
+        try:
+            live.runner.signature.check(decoded, live.name)
+        except BadRequest:
+            live.stats.fail()
+            raise
         _check_rows(decoded, services.config.server.max_rows)
         wanted = (
             tuple(o.name for o in decoded.outputs)
@@ -171,14 +181,11 @@ async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> 
         services.metrics.inflight.inc()
         try:
             return await live.batcher.infer(decoded.inputs, wanted)
+        except InferenceFailed:
+            live.stats.fail()
+            raise
         finally:
             services.metrics.inflight.dec()
-    except (BadRequest, InferenceFailed) as exc:
-        # A version that rejects live traffic is unhealthy: probation counts these.
-        live.stats.record(0.0, failed=True)
-        code = str(int(exc.status))
-        services.metrics.requests.labels(live.name, str(live.version), code).inc()
-        raise
     except AgentError as exc:
         services.metrics.requests.labels(live.name, str(live.version), str(int(exc.status))).inc()
         raise

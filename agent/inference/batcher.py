@@ -14,11 +14,11 @@ and one dispatcher task turns the queue into runs on a bounded executor:
   caller's poisonous input fails only that caller.
 - a caller that gives up (cancelled) is skipped if still queued; if it is already
   running, its rows are computed and dropped.
-- inline: while idle, a model whose runs take less than ``inline_max_us`` (the median of
-  recently measured runs) runs on the event loop itself: for such models the hand-off to
-  a thread, and the GIL hand-back, cost more than the inference (a 30-feature MLP takes
-  about 40 µs). Slower models, and every request while others are queued or running, go
-  through the queue and the executor.
+- inline: while idle, a model whose runs take less than ``inline_max_us`` (measured at
+  warm-up, then the median of recent inline runs) runs on the event loop itself: for such
+  models the hand-off to a thread, and the GIL hand-back, cost more than the inference (a
+  30-feature MLP takes about 40 µs). Slower models, and every request while others are
+  queued or running, go through the queue and the executor.
 
 Models whose inputs or outputs do not all have a dynamic first dimension are never
 batched: each request runs alone (still bounded by the queue and the executor).
@@ -46,8 +46,6 @@ log = structlog.get_logger(__name__)
 
 Outputs = dict[str, Array]
 
-#: A model too slow to run inline is still measured inline once per this many idle requests.
-_PROBE_EVERY = 256
 #: Inline runs not counted in the median: onnxruntime's first runs on a new thread
 #: allocate (the loader warmed the session up on its own thread), and take ten times longer.
 _INLINE_WARMUP = 3
@@ -110,9 +108,8 @@ class Batcher:
         self._closed = False
         # Median of recent inline run times; None until measured. Above inline_max_us the
         # model goes through the queue and the executor (and is batched under load).
-        self._inline_cost_s: float | None = None
+        self._inline_cost_s: float | None = runner.typical_run_s
         self._inline_times: deque[float] = deque(maxlen=15)
-        self._idle_skips = 0
         self._inline_runs = 0
 
     @property
@@ -175,16 +172,14 @@ class Batcher:
     def _runs_inline(self) -> bool:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
-        A model measured as too slow is still probed inline now and then (one idle request
-        in ``_PROBE_EVERY``), so one slow first run does not exclude it for good.
+        Only a model measured fast at warm-up (``typical_run_s``) ever runs inline; its
+        inline runs then keep the estimate current, and a model that turns slow goes back
+        to the executor for good (until it is loaded again).
         """
-        if self._pending or self._inflight or self._closed or self._settings.inline_max_us <= 0:
+        if self._pending or self._inflight or self._closed:
             return False
         cost = self._inline_cost_s
-        if cost is None or cost * 1e6 < self._settings.inline_max_us:
-            return True
-        self._idle_skips += 1
-        return self._idle_skips % _PROBE_EVERY == 0
+        return cost is not None and cost * 1e6 < self._settings.inline_max_us
 
     def _run_inline(self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int) -> Outputs:
         start = self._clock.monotonic()

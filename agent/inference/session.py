@@ -36,6 +36,8 @@ class ModelRunner(Protocol):
     """Runs one model version; blocking, thread-safe for concurrent ``run`` calls."""
 
     signature: ModelSignature
+    #: A typical run time on one synthetic row, measured at warm-up (None if not measured).
+    typical_run_s: float | None
 
     def run(self, inputs: dict[str, Array], outputs: tuple[str, ...]) -> dict[str, Array]:
         """Run the model on named inputs and return the named outputs."""
@@ -61,6 +63,7 @@ class OrtRunner:
         self._session: ort.InferenceSession | None = _create_session(model, settings)
         self.signature = _read_signature(self._session)
         self.model_version = _model_version(self._session)
+        self.typical_run_s: float | None = None
         self._string_inputs = frozenset(
             s.name for s in self.signature.inputs if s.datatype == "BYTES"
         )

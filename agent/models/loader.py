@@ -10,6 +10,7 @@ step that failed. It must not touch the registry: swapping is the registry's job
 from __future__ import annotations
 
 import asyncio
+import time
 import zipfile
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -134,12 +135,18 @@ def _smoke(runner: OrtRunner) -> None:
 
 
 def _warm_up(runner: OrtRunner, runs: int) -> None:
+    """Run ``runs`` times; the median run time becomes ``runner.typical_run_s`` (the
+    batcher decides from it whether the model is fast enough to run inline)."""
     inputs = synthetic_inputs(runner.signature)
-    for _ in range(runs):
+    times = []
+    for _ in range(max(runs, 1)):
+        start = time.perf_counter()
         try:
             runner.run(inputs, runner.signature.output_names)
         except Exception as exc:
             raise ModelLoadError("warmup", _why(exc)) from exc
+        times.append(time.perf_counter() - start)
+    runner.typical_run_s = sorted(times)[len(times) // 2]
 
 
 def _run_test_vectors(runner: OrtRunner, bundle: Bundle, rtol: float, atol: float) -> None:

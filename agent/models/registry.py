@@ -150,10 +150,11 @@ class Registry:
 
     def _resolve(self, name: str, version: int | None) -> LiveVersion:
         entry = self.models.get(name)
+        first_load = entry is not None and entry.state == "loading"
         if (
             entry is None
             or entry.state == "unloaded"
-            or (entry.active is None and name not in self.records)
+            or (entry.active is None and name not in self.records and not first_load)
         ):
             known = ", ".join(sorted(n for n, e in self.models.items() if e.active)) or "none"
             raise NotFound(f'unknown model "{name}"; models served here: {known} (GET /v2/models)')
@@ -176,8 +177,9 @@ class Registry:
     def ready(self) -> bool:
         """True when every model that should serve has a serving version.
 
-        A model whose every version was refused ("failed" with nothing serving) does not
-        make the whole agent unready: it is reported in ``GET /v1/models`` instead.
+        A model being loaded, or whose every version was refused ("failed" with nothing
+        serving), does not make the whole agent unready: it is reported in
+        ``GET /v1/models`` instead, and its own ready route answers 503.
         """
         return all(
             e.active is not None for e in self.models.values() if e.state not in _NOT_SERVING
@@ -610,7 +612,10 @@ class Registry:
         self._on_event(ModelEvent(kind, model, version, self._clock.wall(), detail))
 
 
-_NOT_SERVING: frozenset[State] = frozenset({"unloaded", "failed"})
+#: States that do not make the agent unready: a model being loaded (a new drop, or a
+#: memory-mode swap) or refused is reported in GET /v1/models, and the others keep serving;
+#: a load balancer must not take the node out on every deploy.
+_NOT_SERVING: frozenset[State] = frozenset({"unloaded", "failed", "loading"})
 
 
 def _resting_state(entry: ModelEntry) -> State:

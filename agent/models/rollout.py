@@ -25,13 +25,16 @@ class VersionStats:
     _latencies: np.ndarray = field(default_factory=lambda: np.zeros(_RING, dtype=np.float64))
     _filled: int = 0
 
-    def record(self, latency_s: float, *, failed: bool) -> None:
-        """Count one finished request."""
+    def record(self, latency_s: float) -> None:
+        """Count one request answered by the version, and its latency."""
         self.requests += 1
-        if failed:
-            self.errors += 1
         self._latencies[self._filled % _RING] = latency_s
         self._filled += 1
+
+    def fail(self) -> None:
+        """Count one request the version failed (no latency: it would skew the p99 down)."""
+        self.requests += 1
+        self.errors += 1
 
     def p99(self) -> float | None:
         """p99 latency over the recent ring, None before any request."""

@@ -23,6 +23,9 @@ from agent.upstream.outbox import Outbox, OutboxRecord
 
 log = structlog.get_logger(__name__)
 
+#: What goes first when the buffer is full (the outbox's own drop order starts the same way).
+_EXPENDABLE = frozenset({"capture", "metrics"})
+
 Snapshot = Callable[[], list[UpstreamRecord]]
 
 
@@ -54,16 +57,30 @@ class Pump:
         self._next_snapshot = 0.0
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
-        self.dropped = 0
+        self.dropped: dict[str, int] = {}
+        self._stopping = False
 
     def push(self, record: UpstreamRecord) -> None:
-        """Queue a record for the outbox; drops and counts it when the buffer is full."""
-        if len(self._pending) >= self._max_pending:
-            self.dropped += 1
+        """Queue a record for the outbox; when the buffer is full (the outbox refuses writes,
+        e.g. a full disk), the oldest capture or metrics snapshot makes room, else the new
+        record is dropped; every drop is counted by kind."""
+        if len(self._pending) >= self._max_pending and not self._make_room():
+            self.dropped[record.kind] = self.dropped.get(record.kind, 0) + 1
             return
         self._pending.append(record)
         if record.kind == "event":
             self._wakeup.set()  # events are rare and matter: write them promptly
+
+    def _stop_requested(self) -> bool:
+        return self._stopping
+
+    def _make_room(self) -> bool:
+        for i, queued in enumerate(self._pending):
+            if queued.kind in _EXPENDABLE:
+                del self._pending[i]
+                self.dropped[queued.kind] = self.dropped.get(queued.kind, 0) + 1
+                return True
+        return False
 
     def start(self) -> None:
         """Start the flushing task."""
@@ -71,9 +88,14 @@ class Pump:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="upstream-pump")
 
     async def stop(self) -> None:
-        """Stop the task and write what is buffered."""
+        """Let the task finish its current write, then write what is still buffered.
+
+        The task is asked to stop, not cancelled: a write cancelled while SQLite commits it
+        on its own thread would stay in the buffer and be written a second time.
+        """
+        self._stopping = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self.flush()
@@ -88,14 +110,17 @@ class Pump:
         except AgentError as exc:
             log.warning("upstream_pump_failed", records=len(batch), reason=exc.message)
             return
-        for _ in batch:
-            self._pending.popleft()
+        # By identity: while the write ran, push may have made room by dropping one of them.
+        sent = {id(r) for r in batch}
+        self._pending = deque(r for r in self._pending if id(r) not in sent)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._interval_s)
+            if self._stop_requested():
+                return
             if self._snapshot is not None and self._clock.monotonic() >= self._next_snapshot:
                 self._next_snapshot = self._clock.monotonic() + self._snapshot_every_s
                 for record in self._snapshot():

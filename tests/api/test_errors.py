@@ -222,3 +222,31 @@ async def test_missing_one_of_two_inputs(make_agent: MakeAgent) -> None:
     )
     assert status == 400
     assert 'missing input "b"' in body["error"]
+
+
+class TestVersionAccounting:
+    """What counts against a version (probation) and what does not."""
+
+    async def test_client_mistakes_do_not_count_against_the_version(self, agent: Agent) -> None:
+        """Too many rows is the client's mistake: a 400, not an error of the version."""
+        body = _doc(shape=[10, 4], data=[0] * 40)
+        for _ in range(3):
+            got, _, _ = await post(agent, "/v2/models/aff/infer", body)
+            assert got == 400
+        live = agent.registry.models["aff"].active
+        assert live is not None
+        assert (live.stats.requests, live.stats.errors) == (0, 0)
+
+    async def test_signature_rejections_count_against_the_version(self, agent: Agent) -> None:
+        """A live request the version's signature refuses is counted as its failure."""
+        got, _, _ = await post(agent, "/v2/models/aff/infer", _doc(shape=[1, 2], data=[1, 2]))
+        assert got == 400
+        live = agent.registry.models["aff"].active
+        assert live is not None
+        assert (live.stats.requests, live.stats.errors) == (1, 1)
+
+    @pytest.mark.parametrize("segment", ["%C2%B2", "%D9%A3", "0", "x"])
+    async def test_odd_version_segments_are_404(self, agent: Agent, segment: str) -> None:
+        """Non-ASCII digits and other non-versions are a 404, never a 500."""
+        async with agent.client.get(f"{agent.url}/v2/models/aff/versions/{segment}") as r:
+            assert r.status == 404

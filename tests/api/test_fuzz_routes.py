@@ -17,7 +17,7 @@ GOOD = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1
 SEGMENTS = st.one_of(
     st.just("aff"),
     st.just("1"),
-    st.sampled_from(["0", "-1", "99999999999999999999", "..", "%00", "a b", "ü"]),
+    st.sampled_from(["0", "-1", "99999999999999999999", "..", "%00", "a b", "ü", "²", "٣"]),
     st.text(st.characters(min_codepoint=48, max_codepoint=122), min_size=1, max_size=6),
 )
 JSONISH = st.recursive(

@@ -243,6 +243,7 @@ class TestInline:
 
     async def test_fast_model_runs_on_the_loop_when_idle(self, runner: OrtRunner) -> None:
         """With every executor thread busy, an idle fast model still answers (inline)."""
+        runner.typical_run_s = 1e-5  # as the loader's warm-up would measure it
         async with make_batcher(runner, inline_max_us=1e6) as (batcher, executor):
             with blocked(executor, 1):
                 got = await asyncio.wait_for(batcher.infer({"float_input": X[:2]}, OUTPUTS), 5)
@@ -250,10 +251,19 @@ class TestInline:
         np.testing.assert_array_equal(got["label"], want["label"])
 
     async def test_slow_model_goes_through_the_executor(self, runner: OrtRunner) -> None:
-        """Once a model's measured run time exceeds inline_max_us, requests are queued."""
-        async with make_batcher(runner, inline_max_us=1e-3) as (batcher, executor):
-            for _ in range(5):  # measured inline (after the cold first runs): too slow
-                await batcher.infer({"float_input": X[:1]}, OUTPUTS)
+        """A model measured slower than inline_max_us at warm-up never runs on the loop."""
+        runner.typical_run_s = 0.5
+        async with make_batcher(runner, inline_max_us=150.0) as (batcher, executor):
+            with blocked(executor, 1):
+                queued = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
+                await asyncio.sleep(0.01)
+                assert not queued.done()
+            assert (await queued)["label"].shape == (1,)
+
+    async def test_unmeasured_model_never_runs_inline(self, runner: OrtRunner) -> None:
+        """Without a warm-up measurement, requests go through the executor."""
+        runner.typical_run_s = None
+        async with make_batcher(runner, inline_max_us=1e6) as (batcher, executor):
             with blocked(executor, 1):
                 queued = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
                 await asyncio.sleep(0.01)
