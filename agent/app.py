@@ -200,7 +200,8 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
             yield
         finally:
             await registry.close()
-            infer_pool.shutdown(wait=True, cancel_futures=True)
+            # Off the loop: a run still in onnxruntime must not block the other cleanups.
+            await asyncio.to_thread(infer_pool.shutdown, wait=True, cancel_futures=True)
             load_pool.shutdown(wait=False, cancel_futures=True)
 
     return ctx

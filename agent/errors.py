@@ -3,14 +3,14 @@
 This module must not import the web framework: statuses come from ``http.HTTPStatus``
 and one middleware (``api.middleware``) renders them as ``{"error": message}``.
 
-The tree::
+A body over ``[server] max_body_bytes`` is refused by aiohttp itself (413) and rendered
+in the same shape by the middleware. The tree::
 
     AgentError (500: a bug, logged with the request id)
     ├── BadRequest (400)            malformed body, wrong shape, dtype or name
     ├── Unauthorized (401)          missing or wrong bearer token
     ├── Forbidden (403)             a predict token on an admin route
     ├── NotFound (404)              unknown model, version or route
-    ├── PayloadTooLarge (413)       body over [server] max_body_bytes
     ├── UnsupportedMediaType (415)  a Content-Type we cannot decode
     ├── Unavailable (503)           not ready, draining, or overloaded (Retry-After)
     │   └── Overloaded (503)        a batch queue is full
@@ -65,12 +65,6 @@ class NotFound(AgentError):
     """Unknown model, version or route."""
 
     status = HTTPStatus.NOT_FOUND
-
-
-class PayloadTooLarge(AgentError):
-    """The body is larger than the configured limit."""
-
-    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
 class UnsupportedMediaType(AgentError):

@@ -13,15 +13,12 @@ import orjson
 from aiohttp import web
 
 from agent import __version__
+from agent.api.middleware import json_response
 from agent.api.services import SERVICES, Services
 from agent.errors import BadRequest, NotFound, Unavailable
 from agent.models.registry import ModelEntry
 
 routes = web.RouteTableDef()
-
-
-def _json(doc: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
 
 
 async def read_json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -90,7 +87,7 @@ async def list_models(request: web.Request) -> web.Response:
         "error": services.extras.get("drop_dir_error"),
     }
     extra = {key: fn() for key, fn in services.extras.get("status_sections", {}).items()}
-    return _json({"models": models, "drop_dir": drop_dir, **extra})
+    return json_response({"models": models, "drop_dir": drop_dir, **extra})
 
 
 @routes.get("/v1/models/{name}")
@@ -100,7 +97,7 @@ async def get_model(request: web.Request) -> web.Response:
     entry = services.registry.models.get(request.match_info["name"])
     if entry is None:
         raise NotFound(f'unknown model "{request.match_info["name"]}"; see GET /v1/models')
-    return _json(describe_model(services, entry))
+    return json_response(describe_model(services, entry))
 
 
 @routes.post("/v1/models/{name}/rollback")
@@ -116,7 +113,7 @@ async def rollback(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     live = await services.registry.rollback(name, version, reason="operator rollback")
     services.metrics.rollbacks.labels(name, "operator").inc()
-    return _json({"model": name, "active_version": live.version})
+    return json_response({"model": name, "active_version": live.version})
 
 
 @routes.post("/v1/reload")
@@ -125,7 +122,7 @@ async def reload(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if services.rescan is None:
         raise NotFound("rescanning is not available in this process")
-    return _json(await services.rescan())
+    return json_response(await services.rescan())
 
 
 @routes.get("/metrics")
@@ -142,7 +139,7 @@ async def feedback(request: web.Request) -> web.Response:
     if services.feedback is None:
         raise Unavailable("feedback is not available while the agent starts or stops; retry")
     doc = await read_json_object(request)
-    return _json(await services.feedback.submit(doc))
+    return json_response(await services.feedback.submit(doc))
 
 
 @routes.get("/v1/models/{name}/drift")
@@ -155,7 +152,7 @@ async def drift(request: web.Request) -> web.Response:
     window: Literal["deploy", "current"] = "current" if query == "current" else "deploy"
     if services.drift is None:
         raise NotFound("drift monitoring is off ([drift] enabled = false)")
-    return _json(services.drift.report(request.match_info["name"], window))
+    return json_response(services.drift.report(request.match_info["name"], window))
 
 
 @routes.get("/openapi.json")
@@ -175,7 +172,7 @@ async def openapi(request: web.Request) -> web.Response:
                 "default": {"description": 'Error: {"error": "<what and how to fix>"}'},
             },
         }
-    return _json(
+    return json_response(
         {
             "openapi": "3.1.0",
             "info": {"title": "edge-agent", "version": __version__},

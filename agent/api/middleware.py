@@ -82,6 +82,11 @@ class RequestTracker:
 TRACKER = web.AppKey("request_tracker", RequestTracker)
 
 
+def json_response(doc: object, status: int = 200) -> web.Response:
+    """A JSON response (orjson)."""
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
 def error_response(
     status: HTTPStatus | int, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:

@@ -12,11 +12,11 @@ import time
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from agent import __version__
 from agent.api import codec_binary, codec_json, codec_msgpack
+from agent.api.middleware import json_response
 from agent.api.services import MODEL, REQUEST_ID, SERVICES, VERSION, Services
 from agent.errors import AgentError, BadRequest, InferenceFailed, NotFound, UnsupportedMediaType
 from agent.events import PredictionEvent
@@ -39,14 +39,10 @@ _HEADER = "Inference-Header-Content-Length"
 routes = web.RouteTableDef()
 
 
-def _json(doc: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
-
-
 @routes.get("/v2")
 async def server_metadata(request: web.Request) -> web.Response:
     """Server name, version and protocol extensions."""
-    return _json(
+    return json_response(
         {
             "name": "edge-agent",
             "version": __version__,
@@ -58,7 +54,7 @@ async def server_metadata(request: web.Request) -> web.Response:
 @routes.get("/v2/health/live")
 async def live(request: web.Request) -> web.Response:
     """The process answers: it is alive."""
-    return _json({"live": True})
+    return json_response({"live": True})
 
 
 @routes.get("/v2/health/ready")
@@ -66,8 +62,8 @@ async def ready(request: web.Request) -> web.Response:
     """Ready when accepting and every known model has a serving version."""
     services = request.app[SERVICES]
     if services.accepting and services.registry.ready():
-        return _json({"ready": True})
-    return _json(
+        return json_response({"ready": True})
+    return json_response(
         {
             "ready": False,
             "error": "not ready: starting, stopping or a model has no "
@@ -95,7 +91,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     with services.registry.lease(name, _version_arg(request)) as live:
         record = services.registry.records.get(name)
         sig = live.runner.signature
-        return _json(
+        return json_response(
             {
                 "name": name,
                 "versions": [str(v) for v in sorted(record.versions)] if record else [],
@@ -119,7 +115,7 @@ async def model_ready(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     name = request.match_info["name"]
     with services.registry.lease(name, _version_arg(request)):
-        return _json({"name": name, "ready": True})
+        return json_response({"name": name, "ready": True})
 
 
 @routes.post("/v2/models/{name}/infer")
