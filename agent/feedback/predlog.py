@@ -214,19 +214,14 @@ class PredictionLog:
         await self.flush()
         horizon = self._clock.wall() - self.settings.ttl_s
         try:
-            rows = await self._db.run(lambda conn: _select(conn, ids, horizon))
+            # Decoding runs on the database thread too: a request may name 10,000 ids.
+            return await self._db.run(lambda conn: _predictions(_select(conn, ids, horizon)))
         except sqlite3.Error as exc:
             raise Unavailable(
                 f"prediction log {self._db.path} cannot be read ({exc}); nothing was "
                 "accepted, retry later (check the disk under [state] dir)",
                 retry_after_s=5.0,
             ) from exc
-        return {
-            r[0]: Prediction(
-                r[0], r[1], r[2], r[3], unpack_arrays(r[4]), unpack_arrays(r[5]) if r[5] else None
-            )
-            for r in rows
-        }
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -260,6 +255,15 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
     with write_transaction(conn):
         conn.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     return sum(int(r[6]) for r in rows)
+
+
+def _predictions(rows: list[tuple[Any, ...]]) -> dict[str, Prediction]:
+    return {
+        r[0]: Prediction(
+            r[0], r[1], r[2], r[3], unpack_arrays(r[4]), unpack_arrays(r[5]) if r[5] else None
+        )
+        for r in rows
+    }
 
 
 def _select(conn: sqlite3.Connection, ids: list[str], horizon: float) -> list[tuple[Any, ...]]:

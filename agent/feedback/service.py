@@ -17,6 +17,7 @@ one-row prediction, a list per row otherwise), the prediction's ``outputs``, its
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -89,7 +90,9 @@ class FeedbackLoop:
         self._roll_quality(now)
         joined, unknown = join(records, predictions, self._labels_of(), now)
         if joined:
-            await self._emit([_upstream(j, now) for j in joined])
+            # Building the records converts arrays to lists: off the loop for big requests.
+            upstream = await asyncio.to_thread(lambda: [_upstream(j, now) for j in joined])
+            await self._emit(upstream)
         for j in joined:
             self._count(j)
         self.accepted += len(joined)

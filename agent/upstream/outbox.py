@@ -305,9 +305,9 @@ class Outbox:
         if not records:
             return
         now = self._clock.wall()
-        rows = [_row(r, now) for r in records]
         try:
-            await self._db.run(lambda conn: self._insert(conn, rows))
+            # Encoding runs on the database thread with the insert: the loop only hands over.
+            await self._db.run(lambda conn: self._insert(conn, [_row(r, now) for r in records]))
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc
         self._put_event.set()
