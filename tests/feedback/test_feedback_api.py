@@ -89,3 +89,30 @@ class TestUpstreamDown:
             upstream = (await resp.json())["upstream"]
         assert upstream["consecutive_failures"] >= 3
         assert upstream["outbox_records"] >= 4
+
+
+class TestFullDisk:
+    async def test_a_full_disk_refuses_feedback_with_503(self, make_agent: MakeAgent) -> None:
+        """When the outbox cannot write, feedback is 503 + Retry-After and nothing is accepted."""
+        from agent.app import OUTBOX
+
+        agent = await make_agent(breast_cancer_files())
+        ids = await predict_many(agent, "full", 4)
+        outbox = agent.app[OUTBOX]
+
+        def cap(conn: Any) -> None:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")  # the "disk" is now full
+
+        await outbox._db.run(cap)  # simulate a full disk on the real file
+        before = outbox.stats().records["feedback"]
+        big = [{"id": rid, "label": 1} for rid in ids] * 200  # enough to need new pages
+        async with agent.client.post(agent.url + "/v1/feedback", json={"feedback": big}) as r:
+            assert r.status == 503
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "disk full" in (await r.json())["error"]
+        assert outbox.stats().records["feedback"] == before
+        status, _ = await agent.infer_json(
+            "breast_cancer", infer_doc("after", breast_cancer_data()[0][:1])
+        )
+        assert status == 200  # serving goes on
