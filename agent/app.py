@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from agent.api import admin, v2
-from agent.api.middleware import edge_middleware
+from agent.api.middleware import TRACKER, edge_middleware
 from agent.api.services import SERVICES, Services
 from agent.clock import Clock, SystemClock
 from agent.config import Config
@@ -189,6 +189,7 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
             clock=clock,
             on_event=_on_model_event(app, metrics),
             observer=_observer(metrics),
+            busy=lambda: _http_busy(app),
         )
         app[REGISTRY] = registry
         app[SERVICES] = Services(config=config, registry=registry, metrics=metrics, clock=clock)
@@ -205,6 +206,12 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
             load_pool.shutdown(wait=False, cancel_futures=True)
 
     return ctx
+
+
+def _http_busy(app: web.Application) -> bool:
+    """More than one HTTP request in flight: fast models then batch on the loop."""
+    tracker = app.get(TRACKER)
+    return tracker is not None and tracker.active > 1
 
 
 def _export_registry_gauges(metrics: Metrics, registry: Registry) -> None:

@@ -17,8 +17,10 @@ and one dispatcher task turns the queue into runs on a bounded executor:
 - inline: while idle, a model whose runs take less than ``inline_max_us`` (measured at
   warm-up, then the median of recent inline runs) runs on the event loop itself: for such
   models the hand-off to a thread, and the GIL hand-back, cost more than the inference (a
-  30-feature MLP takes about 40 µs). Slower models, and every request while others are
-  queued or running, go through the queue and the executor.
+  30-feature MLP takes about 40 µs). When other HTTP requests are in flight (``busy``),
+  the requests that reach the model in one turn of the event loop run together as one
+  batch at the start of the next turn, still on the loop. Slower models go through the
+  queue and the executor.
 
 Models whose inputs or outputs do not all have a dynamic first dimension are never
 batched: each request runs alone (still bounded by the queue and the executor).
@@ -92,6 +94,7 @@ class Batcher:
         *,
         label: str = "",
         observe: RunObserver | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self._runner = runner
         self._executor = executor
@@ -99,6 +102,8 @@ class Batcher:
         self._clock = clock
         self._label = label
         self._observe = observe
+        self._busy = busy
+        self._gathered: list[_Item] = []
         self._batching = settings.enabled and runner.signature.batchable
         self._pending: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -162,7 +167,9 @@ class Batcher:
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
         if self._runs_inline():
-            return self._run_inline(inputs, outputs, rows)
+            if self._busy is None or not self._busy():
+                return self._run_inline(inputs, outputs, rows)
+            return await self._gather_inline(inputs, outputs, rows)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
         key = _merge_key(inputs) if self._batching else (id(future),)
         self._pending.append(_Item(inputs, outputs, rows, key, self._clock.monotonic(), future))
@@ -191,15 +198,43 @@ class Batcher:
             raise InferenceFailed(f"model {self._label} failed on this input: {exc}") from exc
         finally:
             elapsed = self._clock.monotonic() - start
-            self._inline_runs += 1
-            if self._inline_runs > _INLINE_WARMUP:  # the first runs on this thread are cold
-                self._inline_times.append(elapsed)
-                # The median of recent runs: one pause (GC, a busy core) must not exclude a
-                # fast model from the inline path for thousands of requests.
-                self._inline_cost_s = sorted(self._inline_times)[len(self._inline_times) // 2]
+            self._measured_inline(elapsed)
             if self._observe is not None:
                 self._observe(rows, 1, elapsed, [0.0])
         return result
+
+    async def _gather_inline(
+        self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int
+    ) -> Outputs:
+        """Under load: the requests that reach a fast model in one turn of the event loop
+        run together, as one batch, at the start of the next turn (still on the loop)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        key = _merge_key(inputs) if self._batching else (id(future),)
+        if not self._gathered:
+            loop.call_soon(self._run_gathered)
+        self._gathered.append(_Item(inputs, outputs, rows, key, self._clock.monotonic(), future))
+        return await future
+
+    def _run_gathered(self) -> None:
+        self._pending.extend(self._gathered)
+        self._gathered = []
+        while self._pending:
+            batch = self._take(self._pending[0].key)
+            if not batch:
+                continue
+            start = self._clock.monotonic()
+            results = self._run_batch(batch)
+            self._measured_inline(self._clock.monotonic() - start)
+            self._deliver(batch, results)
+
+    def _measured_inline(self, elapsed: float) -> None:
+        self._inline_runs += 1
+        if self._inline_runs > _INLINE_WARMUP:  # the first runs on this thread are cold
+            self._inline_times.append(elapsed)
+            # The median of recent runs: one pause (GC, a busy core) must not exclude a
+            # fast model from the inline path for thousands of requests.
+            self._inline_cost_s = sorted(self._inline_times)[len(self._inline_times) // 2]
 
     async def _dispatch(self) -> None:
         while True:
@@ -315,6 +350,9 @@ class Batcher:
             results = [exc] * len(batch)
         else:
             results = run.result()
+        self._deliver(batch, results)
+
+    def _deliver(self, batch: list[_Item], results: list[Outputs | BaseException]) -> None:
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue

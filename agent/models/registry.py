@@ -117,6 +117,7 @@ class Registry:
         clock: Clock,
         on_event: EventSink,
         observer: ObserverFactory | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -126,6 +127,7 @@ class Registry:
         self._clock = clock
         self._on_event = on_event
         self._observer = observer
+        self._busy = busy
         self.models: dict[str, ModelEntry] = {}
         self.records: dict[str, ModelRecord] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -454,6 +456,7 @@ class Registry:
             self._clock,
             label=f"{name}:{version}",
             observe=observe,
+            busy=self._busy,
         )
         batcher.start()
         return LiveVersion(name, version, bundle, runner, batcher, self._clock.wall(), load_s)

@@ -57,7 +57,7 @@ def blocked(executor: ThreadPoolExecutor, workers: int) -> Iterator[threading.Ev
 
 @asynccontextmanager
 async def make_batcher(
-    runner: OrtRunner, **kw: object
+    runner: OrtRunner, busy: bool = False, **kw: object
 ) -> AsyncIterator[tuple[Batcher, ThreadPoolExecutor]]:
     """A started batcher on its own pool; stopped afterwards."""
     settings_ = BatchSettings(**{"workers": 1, "max_delay_ms": 0.0, "inline_max_us": 0.0, **kw})  # type: ignore[arg-type]
@@ -69,6 +69,7 @@ async def make_batcher(
         SystemClock(),
         label="tab:1",
         observe=lambda rows, reqs, secs, waits: sizes.append(reqs),
+        busy=(lambda: True) if busy else None,
     )
     sizes: list[int] = []
     batcher.observed = sizes  # type: ignore[attr-defined]
@@ -269,3 +270,21 @@ class TestInline:
                 await asyncio.sleep(0.01)
                 assert not queued.done()
             assert (await queued)["label"].shape == (1,)
+
+    async def test_under_load_fast_requests_batch_on_the_loop(self, runner: OrtRunner) -> None:
+        """While busy, requests reaching a fast model in one loop turn run as one batch."""
+        runner.typical_run_s = 1e-5
+        async with make_batcher(runner, busy=True, inline_max_us=1e6, max_batch_size=32) as (
+            batcher,
+            executor,
+        ):
+            chunks = [X[i : i + 2].astype(np.float32) for i in range(0, 10, 2)]
+            with blocked(executor, 1):  # the executor is not needed
+                got = await asyncio.wait_for(
+                    asyncio.gather(*(batcher.infer({"float_input": c}, OUTPUTS) for c in chunks)),
+                    5,
+                )
+        assert batcher.observed == [5]  # type: ignore[attr-defined]
+        for chunk, result in zip(chunks, got, strict=True):
+            want = runner.run({"float_input": chunk}, OUTPUTS)
+            np.testing.assert_array_equal(result["label"], want["label"])
