@@ -65,6 +65,13 @@ class _Barrier:
 _Item = PredictionEvent | _Attach | _Detach | _Barrier
 
 
+def _checked(**values: Any) -> DriftConfig:
+    """A ``DriftConfig``, validated (ValueError for inconsistent thresholds)."""
+    config = DriftConfig(**values)
+    config.settings(None, None)
+    return config
+
+
 class DriftMonitor:
     """Drift of every live model version: the prediction tap, its worker, reports, gauges.
 
@@ -93,7 +100,7 @@ class DriftMonitor:
             tick_s: how often the worker looks for a due window and refreshes statuses.
             stop_timeout_s: how long ``stop`` waits for the final flush before cancelling.
         """
-        self._config = DriftConfig(
+        self._config = _checked(
             window_s=window_s,
             reference_rows=reference_rows,
             psi_warn=psi_warn,
@@ -101,7 +108,6 @@ class DriftMonitor:
             min_rows=min_rows,
             alert_share=alert_share,
         )
-        self._config.settings(None, None)
         self._queue_size = queue_size
         self._clock = clock
         self._emit = emit
@@ -174,7 +180,7 @@ class DriftMonitor:
     ) -> None:
         """Apply a reloaded ``[drift]`` section: thresholds at once (manifest overrides stay),
         ``window_s`` from the next window, ``reference_rows`` for later attaches."""
-        config = DriftConfig(
+        config = _checked(
             window_s=window_s,
             reference_rows=reference_rows,
             psi_warn=psi_warn,
@@ -182,7 +188,6 @@ class DriftMonitor:
             min_rows=min_rows,
             alert_share=alert_share,
         )
-        config.settings(None, None)
         self._config = config
         self._watched.retune(config)
 
