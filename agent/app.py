@@ -398,6 +398,7 @@ async def _drift_ctx(app: web.Application) -> AsyncIterator[None]:
         queue_size=d.queue_size,
         clock=services.clock,
         emit=emit,
+        sample_rate=d.sample_rate,
     )
     app[DRIFT] = monitor
     registry = app[REGISTRY]
@@ -673,6 +674,7 @@ LIVE_PREFIXES = (
     "drift.psi_alert",
     "drift.min_rows",
     "drift.alert_share",
+    "drift.sample_rate",
     "upstream.token",
     "upstream.token_file",
 )
@@ -697,6 +699,7 @@ def reconfigure(app: web.Application, new: Config) -> tuple[list[str], list[str]
         app[FEEDBACK].capture_rate = new.capture.rate
     if DRIFT in app:
         app[DRIFT].configure(**_drift_thresholds(new))
+        app[DRIFT].sample_rate = new.drift.sample_rate
     registry = app[REGISTRY]
     registry.settings = registry_settings(new)
     for entry in registry.models.values():

@@ -178,6 +178,7 @@ class Drift:
     min_rows: int = _setting(300, ge=1)
     alert_share: float = _setting(0.0, ge=0, le=1)
     queue_size: int = _setting(1024, ge=1)
+    sample_rate: float = _setting(1.0, gt=0, le=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

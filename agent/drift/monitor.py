@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -93,12 +94,15 @@ class DriftMonitor:
         emit: Emit,
         tick_s: float = 1.0,
         stop_timeout_s: float = 10.0,
+        sample_rate: float = 1.0,
+        rng: random.Random | None = None,
     ) -> None:
         """Raises ValueError for inconsistent thresholds (the config checks them first).
 
         Args:
             tick_s: how often the worker looks for a due window and refreshes statuses.
             stop_timeout_s: how long ``stop`` waits for the final flush before cancelling.
+            sample_rate: share of predictions sketched (``[drift] sample_rate``).
         """
         self._config = _checked(
             window_s=window_s,
@@ -109,6 +113,8 @@ class DriftMonitor:
             alert_share=alert_share,
         )
         self._queue_size = queue_size
+        self.sample_rate = sample_rate
+        self._rng = rng or random.Random()  # noqa: S311 -- sampling, not security
         self._clock = clock
         self._emit = emit
         self._tick_s = tick_s
@@ -239,7 +245,14 @@ class DriftMonitor:
         self._wakeup.set()
 
     def record(self, event: PredictionEvent) -> None:
-        """The prediction tap (call it on the event loop): queue the event, or drop and count."""
+        """The prediction tap (call it on the event loop): queue the event, or drop and count.
+
+        With ``sample_rate`` below 1, only that share of requests is sketched: every score
+        is a rate or a distribution, so a uniform sample estimates the same thing for a
+        fraction of the CPU (the report's ``rows`` counts sketched rows).
+        """
+        if self.sample_rate < 1.0 and self._rng.random() >= self.sample_rate:
+            return
         if self._queued >= self._queue_size or self._stopping:
             self.dropped += 1
             return

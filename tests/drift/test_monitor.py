@@ -268,6 +268,21 @@ class TestTap:
             h.monitor.record(event)
         assert h.monitor.dropped == 2
 
+    async def test_sampling_sketches_only_a_share_of_predictions(
+        self, make_harness: MakeHarness, tabular: Tabular
+    ) -> None:
+        """With sample_rate 0.25, about a quarter of the events are queued, none dropped."""
+        import random
+
+        h = await make_harness(start=False, sample_rate=0.25, rng=random.Random(5))
+        h.attach()
+        events = list(tabular.events(tabular.x[:320])) * 40  # 400 events
+        for event in events:
+            h.monitor.record(event)
+        queued = sum(isinstance(i, PredictionEvent) for i in h.monitor._items)
+        assert 0.15 * len(events) < queued < 0.35 * len(events)
+        assert h.monitor.dropped == 0
+
     async def test_events_of_unattached_versions_are_ignored(
         self, make_harness: MakeHarness, tabular: Tabular
     ) -> None:
