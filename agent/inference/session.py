@@ -2,8 +2,9 @@
 
 ``OrtRunner`` owns one ``InferenceSession``: it builds it with the configured
 providers, threads and optimisation level, reads its signature, converts BYTES
-tensors to what onnxruntime wants, and runs it. It is synchronous and blocking:
-callers run it on an executor (the batcher does), never on the event loop.
+tensors to what onnxruntime wants, and runs it. It is synchronous and blocking: the
+batcher runs it on an executor, except for models the warm-up measured faster than a
+thread hand-off (``[batching] inline_max_us``), which it runs on the event loop.
 """
 
 from __future__ import annotations
