@@ -72,7 +72,7 @@ def describe_model(services: Services, entry: ModelEntry) -> dict[str, Any]:
         "batching": live.runner.signature.batchable and services.config.batching.enabled
         if live
         else None,
-        "history": list(entry.history),
+        "history": list(record.history) if record else [],
         **{key: fn(entry.name) for key, fn in services.extras.get("model_details", {}).items()},
     }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -38,7 +37,6 @@ from agent.models.dropdir import Candidate
 from agent.models.manifest import Manifest
 from agent.models.rollout import Decision, ProbationPolicy, VersionStats, judge
 from agent.models.store import (
-    HISTORY_LIMIT,
     Bundle,
     ModelRecord,
     StillWriting,
@@ -85,7 +83,6 @@ class ModelEntry:
     probation_until: float | None = None
     probation_baseline_p99: float | None = None
     previous: int | None = None
-    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_LIMIT))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -483,10 +480,14 @@ class Registry:
             entry.last_error = None  # a rollback's note and a restore's error stay visible
         self._start_probation(entry, live, old, enabled=probation and old is not None)
         record.prune(self.settings.keep_versions)
-        item = {"ts": self._clock.wall(), "version": live.version, "how": how, "from": None}
-        item["from"] = old.version if old else None
-        entry.history.appendleft(item)
-        record.remember(item)
+        record.remember(
+            {
+                "ts": self._clock.wall(),
+                "version": live.version,
+                "how": how,
+                "from": old.version if old else None,
+            }
+        )
         await self._save()
         previous = old.version if old else None
         log.info(
@@ -578,9 +579,6 @@ class Registry:
         entry = self.models.get(name)
         if entry is None:
             entry = self.models[name] = ModelEntry(name)
-            record = self.records.get(name)
-            if record is not None:
-                entry.history.extend(record.history)
         return entry
 
     def _retire(self, live: LiveVersion) -> None:
