@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -27,6 +30,24 @@ from agent.models.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
+
+
+def load_script(name: str, module: str) -> ModuleType:
+    """``scripts/<name>.py`` as module ``module`` (scripts/ is not a package); loaded once."""
+    if module in sys.modules:
+        return sys.modules[module]
+    spec = importlib.util.spec_from_file_location(module, ROOT / "scripts" / (name + ".py"))
+    assert spec is not None
+    assert spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def load_collector() -> ModuleType:
+    """The reference collector, ``scripts/collector.py``."""
+    return load_script("collector", "edge_collector")
 
 
 def toml_value(value: Any) -> str:

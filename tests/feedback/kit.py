@@ -5,11 +5,8 @@ Not a test module: imported as ``feedback.kit`` (``tests`` is on the import path
 
 from __future__ import annotations
 
-import importlib.util
 import sqlite3
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import msgpack
@@ -61,21 +58,3 @@ def outbox_records(path: Path, kind: str) -> list[dict[str, Any]]:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         bodies = conn.execute("SELECT body FROM records WHERE kind = ? ORDER BY id", (kind,))
         return [msgpack.unpackb(b, raw=False) for (b,) in bodies]
-
-
-def load_script(name: str, module: str) -> ModuleType:
-    """``scripts/<name>.py`` as module ``module`` (scripts/ is not a package); loaded once."""
-    if module in sys.modules:
-        return sys.modules[module]
-    spec = importlib.util.spec_from_file_location(module, ROOT / "scripts" / (name + ".py"))
-    assert spec is not None
-    assert spec.loader is not None
-    loaded = importlib.util.module_from_spec(spec)
-    sys.modules[module] = loaded
-    spec.loader.exec_module(loaded)
-    return loaded
-
-
-def load_collector() -> ModuleType:
-    """The reference collector (same module name as tests/upstream use)."""
-    return load_script("collector", "edge_collector")

@@ -25,14 +25,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import render_config
+from conftest import load_collector, render_config
 from feedback.kit import (
     CLASSES,
     ROOT,
     breast_cancer_data,
     breast_cancer_files,
     infer_doc,
-    load_collector,
 )
 
 SEED = 20_261_126

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import MakeAgent
-from feedback.kit import breast_cancer_files, load_collector, load_script
+from conftest import MakeAgent, load_collector, load_script
+from feedback.kit import breast_cancer_files
 
 TOKEN = "demo-token"
 

@@ -67,6 +67,18 @@ def write_config(path: Path, sections: Sections) -> Path:
     return path
 
 
+def run_to_exit(config: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m agent run --config`` that is expected to stop by itself (a refused start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+    )
+
+
 def infer_doc(values: list[float]) -> bytes:
     """A V2 JSON request for the affine test model (input ``x``, FP32 [1, 4])."""
     doc = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": values}]}

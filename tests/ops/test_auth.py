@@ -6,8 +6,6 @@ tokens (likewise). Health, server metadata and /metrics stay open.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +13,12 @@ import modelgen
 import pytest
 from conftest import MakeAgent
 from ops.daemonproc import (
-    REPO,
-    WAIT_S,
     Daemon,
     Reply,
     call,
     infer_doc,
     merged,
+    run_to_exit,
     running,
     write_config,
 )
@@ -171,14 +168,7 @@ def test_unreadable_token_file_stops_the_start(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "agent.toml", merged(tmp_path, {"auth": {"predict_token_file": missing}})
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        check=False,
-    )
+    result = run_to_exit(config)
     assert result.returncode == 2
     assert "auth.predict_token_file" in result.stderr
     assert str(missing) in result.stderr

@@ -10,13 +10,21 @@ import http.client
 import shutil
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import modelgen
 import pytest
-from ops.daemonproc import REPO, WAIT_S, Daemon, call, infer_doc, merged, running, write_config
+from ops.daemonproc import (
+    WAIT_S,
+    Daemon,
+    call,
+    infer_doc,
+    merged,
+    run_to_exit,
+    running,
+    write_config,
+)
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
@@ -103,14 +111,7 @@ def test_key_of_another_certificate_stops_the_start(tmp_path: Path) -> None:
     _, other_key = make_certificate(tmp_path, "two")
     sections = merged(tmp_path, {"server": {"cert_file": cert, "key_file": other_key}})
     config = write_config(tmp_path / "agent.toml", sections)
-    result = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        check=False,
-    )
+    result = run_to_exit(config)
     assert result.returncode == 2
     assert "server.cert_file" in result.stderr
     assert "key belongs to the certificate" in result.stderr

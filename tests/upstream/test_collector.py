@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import importlib.util
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
 import msgpack
 import orjson
 import pytest
+from conftest import load_collector
 
 TOKEN = "tok-1"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_collector() -> ModuleType:
-    """scripts/collector.py as a module (scripts/ is not a package)."""
-    if "edge_collector" in sys.modules:
-        return sys.modules["edge_collector"]
-    spec = importlib.util.spec_from_file_location("edge_collector", ROOT / "scripts/collector.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["edge_collector"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Client:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
 import socket
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import load_collector
 from structlog.testing import capture_logs
 
 from agent.clock import ManualClock
@@ -24,20 +22,6 @@ from agent.upstream.shipper import Shipper, backoff_delay, parse_retry_after
 
 TOKEN = "s3cret"
 AGENT = "edge-test-1"
-
-
-def load_collector() -> ModuleType:
-    """scripts/collector.py as a module (scripts/ is not a package)."""
-    if "edge_collector" in sys.modules:
-        return sys.modules["edge_collector"]
-    path = Path(__file__).resolve().parents[2] / "scripts" / "collector.py"
-    spec = importlib.util.spec_from_file_location("edge_collector", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["edge_collector"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class Upstream:
