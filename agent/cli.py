@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     baseline.add_argument("--name", help="the model's name in the agent (default: inferred)")
     baseline.set_defaults(func=_cmd_baseline)
 
+    # Spawned by `run` when [server] processes > 1; not for people (hence no help).
+    replica = sub.add_parser("replica")
+    replica.add_argument("--channel-fd", type=int, required=True)
+    replica.set_defaults(func=_cmd_replica)
+
     status = sub.add_parser("status", help="models, versions, states of a running agent")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     _client_args(status)
@@ -110,6 +115,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = config_module.load(args.config) if args.config else config_module.default()
     return daemon.run(config, args.config)
+
+
+def _cmd_replica(args: argparse.Namespace) -> int:
+    from agent import replica
+
+    return replica.run(args.channel_fd)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

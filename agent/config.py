@@ -122,6 +122,7 @@ class Server:
     max_rows: int = _setting(4096, ge=1)
     drain_timeout_s: float = _setting(20.0, gt=0)
     keepalive_timeout_s: float = _setting(75.0, gt=0)
+    processes: int = _setting(1, ge=1, le=64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,13 +6,16 @@ Signals only set events; the main coroutine does the work in named steps:
   a ``ConfigError`` naming the key (exit 2); the soft open-files limit is raised to the
   hard one, so a crowd of slow clients runs out of patience before we run out of fds;
 - start: build the app, load the initial models (cleanup contexts), bind the port,
-  then ``READY=1`` and a ``STATUS=`` line; ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``
+  start the replica processes when ``[server] processes`` > 1 (``replicas.py``; they
+  join the port when their models are loaded), then ``READY=1`` and a ``STATUS=``
+  line; ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``
   from the event loop (a blocked loop stops the pings, and systemd restarts us);
 - SIGHUP: ``RELOADING=1``, re-read the config file (and token files), apply what can
   change live (``app.LIVE_PREFIXES``), log plainly what needs a restart (those keys keep
   their running values), keep the running config if the file is broken, ``READY=1``;
 - SIGTERM/SIGINT: ``STOPPING=1``; stop accepting (readiness turns 503, the listening
-  socket closes, responses carry ``Connection: close``); drain: wait up to
+  socket closes, responses carry ``Connection: close``); the replicas are told to stop
+  and drain alongside; drain: wait up to
   ``[server] drain_timeout_s`` for the requests already admitted, including those whose
   body is still arriving; then close idle connections, cancel what is left after a short
   grace (logged and counted), run the cleanup contexts in reverse (watcher, registry,
@@ -53,11 +56,12 @@ from agent.api.services import SERVICES
 from agent.app import LIVE_PREFIXES, REGISTRY, build_app, reconfigure
 from agent.config import Config
 from agent.errors import ConfigError, ConfigProblem
+from agent.replicas import ReplicaSet
 from agent.systemd import Notifier, watchdog_loop
 
 log = structlog.get_logger(__name__)
 
-_SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_S = 0.0005
 
 #: Seconds SIGUSR1 blocks the event loop for (test hook; unset = SIGUSR1 untouched).
 DEBUG_BLOCK_ENV = "EDGE_AGENT_DEBUG_BLOCK_LOOP_ON_SIGUSR1"
@@ -66,6 +70,9 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _FORCED_EXIT_CODE = 1
 _CANCEL_GRACE_S = 1.0
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+#: The primary's socket for the routes replicas forward (in the state directory).
+CONTROL_SOCKET = "control.sock"
+_MAX_UNIX_PATH = 107
 
 
 # -- signals ---------------------------------------------------------------------------------
@@ -322,17 +329,21 @@ async def serve(
         if not signals.stop.is_set():
             if not await _bind(runner, config, ssl_context):
                 return 1
+            await _start_replicas(app, runner, config)
             await _run_until_stopped(app, signals, config_path, notifier)
         # Step 3: stop accepting: readiness turns 503, the listening socket closes, and
         # responses carry "Connection: close" so keep-alive clients go elsewhere.
         notifier.stopping()
         app[SERVICES].accepting = False
+        replicas_stopped = _stop_replicas(app, config)
         for site in list(runner.sites):
             await site.stop()
         # Step 4: drain: wait for the requests already admitted, bodies still arriving
-        # included (aiohttp's own shutdown stops reading them, so it comes after).
+        # included (aiohttp's own shutdown stops reading them, so it comes after); the
+        # replicas drain theirs meanwhile and hand over their last predictions.
         notifier.status(f"stopping: draining {tracker.active} request(s)")
         await _drain(tracker, config.server.drain_timeout_s)
+        await replicas_stopped
     finally:
         # Step 5: close idle connections, cancel what the drain left (after a short
         # grace), and run every component's cleanup in reverse order (watcher,
@@ -341,6 +352,62 @@ async def serve(
         signals.uninstall()
     log.info("stopped", cancelled=tracker.cancelled, exit_code=0)
     return 0
+
+
+async def _start_replicas(
+    app: web.Application, runner: web.AppRunner, config: Config
+) -> ReplicaSet | None:
+    """``[server] processes`` - 1 replicas on our port, and the control socket they use."""
+    count = config.server.processes - 1
+    if count < 1:
+        return None
+    services = app[SERVICES]
+    port = runner.addresses[0][1]
+    control = await asyncio.to_thread(lambda: Path(config.state.dir).resolve() / CONTROL_SOCKET)
+    if len(str(control)) > _MAX_UNIX_PATH:
+        log.error(
+            "replicas_not_started",
+            reason=f"the control socket path {control} is longer than a Unix socket allows",
+            fix="use a shorter [state] dir, or [server] processes = 1",
+        )
+        return None
+    await asyncio.to_thread(control.unlink, missing_ok=True)
+    site = web.UnixSite(runner, str(control))
+    await site.start()
+    await asyncio.to_thread(control.chmod, 0o600)
+    replicas = ReplicaSet(
+        count,
+        config=config,
+        port=port,
+        control=str(control),
+        registry=app[REGISTRY],
+        on_prediction=lambda event: services.on_prediction(event),
+    )
+    services.extras["replicas"] = replicas
+    services.extras.setdefault("model_event_hooks", []).append(
+        lambda event: replicas.notify(("sync",))
+    )
+    services.metrics.peers = replicas.snapshots
+    services.metrics.gauge(
+        "edge_agent_replicas_ready",
+        "Replica processes serving now ([server] processes - 1 when all are up).",
+        (),
+        lambda: [((), float(replicas.ready_count))],
+    )
+    replicas.start()
+    log.info("replicas_starting", count=count, port=port, control=str(control))
+    return replicas
+
+
+def _stop_replicas(app: web.Application, config: Config) -> asyncio.Task[None]:
+    """Tell the replicas to drain and exit (a task: the primary drains meanwhile)."""
+    replicas = app[SERVICES].extras.get("replicas")
+
+    async def stop() -> None:
+        if isinstance(replicas, ReplicaSet):
+            await replicas.stop(config.server.drain_timeout_s + _CANCEL_GRACE_S + 5)
+
+    return asyncio.get_running_loop().create_task(stop(), name="stop-replicas")
 
 
 async def _drain(tracker: RequestTracker, timeout_s: float) -> None:
@@ -362,7 +429,14 @@ def _export_tracker(app: web.Application, tracker: RequestTracker) -> None:
 async def _bind(runner: web.AppRunner, config: Config, context: ssl.SSLContext | None) -> bool:
     """Listen on ``[server] host``/``port``; False (logged) when the address is taken."""
     host, port = config.server.host, config.server.port
-    site = web.TCPSite(runner, host, port, ssl_context=context, backlog=1024)
+    site = web.TCPSite(
+        runner,
+        host,
+        port,
+        ssl_context=context,
+        backlog=1024,
+        reuse_port=config.server.processes > 1,  # the replicas bind the same port
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -428,6 +502,10 @@ async def _reload(app: web.Application, config_path: Path | None, notifier: Noti
     notifier.reloading()
     try:
         await _apply_config_file(app, config_path)
+        replicas = app[SERVICES].extras.get("replicas")
+        if isinstance(replicas, ReplicaSet):
+            replicas.config = app[SERVICES].config  # what a restarted replica gets
+            await replicas.broadcast(("config", app[SERVICES].config))
     finally:
         notifier.ready()
         notifier.status(_status_line(app))
@@ -503,7 +581,7 @@ def run(config: Config, config_path: Path | None) -> int:
     # onnxruntime releases the GIL while it computes; getting it back waits for whichever
     # thread holds it to be told to let go, every switch interval (5 ms by default). Side
     # threads (drift sketches, SQLite) would add up to that to a 50 µs inference.
-    sys.setswitchinterval(_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     log.info(
         "starting",
         config=str(config_path) if config_path else "defaults",

@@ -573,22 +573,36 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
 
+    def pids(self) -> list[int]:
+        """The server's process and its children (the agent's replica processes)."""
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+            pids += [int(p) for p in children.split()]
+        return pids
+
     def rss_mb(self) -> tuple[float, float]:
-        """(VmRSS, VmHWM) of the process in MB."""
-        values = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / MB
-        return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+        """(VmRSS, VmHWM) in MB, summed over the server's processes."""
+        values = {"VmRSS": 0.0, "VmHWM": 0.0}
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    key, _, rest = line.partition(":")
+                    if key in values:
+                        values[key] += int(rest.split()[0]) / MB
+        return values["VmRSS"], values["VmHWM"]
 
     def metrics(self) -> str:
         return _http("GET", self.url + "/metrics")[2].decode()
 
     def cpu_s(self) -> float:
-        """CPU seconds used so far by the process (every thread)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        """CPU seconds used so far by the server's processes (every thread)."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / TICK
+        return total
 
 
 def start_minimal(models_dir: Path) -> Server:
@@ -656,10 +670,23 @@ def start_agent(
     try:
         server.url = f"http://127.0.0.1:{_wait_listening(proc, log)}"
         _wait_ready(server.url)
+        _wait_replicas(server.url, int(sections["server"].get("processes", 1)) - 1)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def _wait_replicas(url: str, count: int, timeout_s: float = 60) -> None:
+    """Until ``count`` replica processes serve (``edge_agent_replicas_ready``)."""
+    deadline = time.monotonic() + timeout_s
+    while count > 0:
+        status, _, body = _http("GET", url + "/metrics")
+        if status == 200 and metric_sum(body.decode(), "edge_agent_replicas_ready") >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} replica(s) not ready after {timeout_s} s")
+        time.sleep(0.2)
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> int:
@@ -956,12 +983,14 @@ def running(servers: list[Server]) -> Iterator[list[Server]]:
 def run_cells(bench: Bench) -> None:
     """The matrix: minimal server, agent, agent without batching, interleaved per cell."""
     note(
-        "servers: minimal, agent" + (", agent without batching" if bench.plan.batching_off else "")
+        "servers: minimal, agent, agent-2p ([server] processes = 2)"
+        + (", agent without batching" if bench.plan.batching_off else "")
     )
     with running([]) as servers:
         servers.append(start_minimal(bench.drop))
         agent = start_agent("agent", bench.work, bench.drop)
         servers.append(agent)
+        servers.append(start_agent(TWO, bench.work, bench.drop, {"server": {"processes": 2}}))
         if bench.plan.batching_off:
             servers.append(
                 start_agent(
@@ -1267,11 +1296,15 @@ def header(bench: Bench, elapsed: float) -> list[str]:
     ]
 
 
-def target_rows(bench: Bench) -> list[tuple[str, str, str, bool]]:
+#: The agent with one replica: two serving processes.
+TWO: Final = "agent-2p"
+
+
+def target_rows(bench: Bench, agent: str = "agent") -> list[tuple[str, str, str, bool]]:
     """(target, measured, limit, met) for every target of issue 4 that was measured."""
     rows = []
     for fmt in ("binary", "msgpack"):
-        a, m = bench.find("agent", "tabular", fmt, 1), bench.find("minimal", "tabular", fmt, 1)
+        a, m = bench.find(agent, "tabular", fmt, 1), bench.find("minimal", "tabular", fmt, 1)
         if a and m:
             limit = m.result.p50_ms + 0.1
             rows.append(
@@ -1283,7 +1316,7 @@ def target_rows(bench: Bench) -> list[tuple[str, str, str, bool]]:
                 )
             )
     for fmt in bench.plan.formats:
-        a, m = bench.find("agent", "tabular", fmt, 32), bench.find("minimal", "tabular", fmt, 32)
+        a, m = bench.find(agent, "tabular", fmt, 32), bench.find("minimal", "tabular", fmt, 32)
         if a and m:
             rows.append(
                 (
@@ -1295,7 +1328,7 @@ def target_rows(bench: Bench) -> list[tuple[str, str, str, bool]]:
             )
     reference = bench.find("minimal", "cnn", "json", 32)
     for fmt in bench.plan.formats:
-        a = bench.find("agent", "cnn", fmt, 32)
+        a = bench.find(agent, "cnn", fmt, 32)
         if a and reference:
             factor = 2 if fmt == "json" else 5
             want = factor * reference.result.rps
@@ -1307,7 +1340,7 @@ def target_rows(bench: Bench) -> list[tuple[str, str, str, bool]]:
                     a.result.rps >= want,
                 )
             )
-    if "examples_idle" in bench.rss:
+    if "examples_idle" in bench.rss and agent == "agent":
         idle = bench.rss["examples_idle"]
         rows.append(
             (
@@ -1344,15 +1377,18 @@ def target_table(bench: Bench) -> list[str]:
         "## Targets (issue 4)",
         "",
         *noise_warning(bench),
-        "Agent with the defaults (batching on). The minimal server is the reference in the "
-        "same wire format, except for the CNN targets, which the issue states against its "
+        "The agent with the defaults (batching on, one process), and with `[server] processes "
+        "= 2` (one replica process on the second core). The minimal server is the reference in "
+        "the same wire format, except for the CNN targets, which the issue states against its "
         "JSON figure.",
         "",
-        "| target | measured | limit | verdict |",
-        "|---|---|---|---|",
+        "| target | processes | measured | limit | verdict |",
+        "|---|---|---|---|---|",
     ]
-    for name, measured, limit, met in target_rows(bench):
-        lines.append(f"| {name} | {measured} | {limit} | {'MET' if met else '**MISSED**'} |")
+    for agent, processes in (("agent", "1"), (TWO, "2")):
+        for name, measured, limit, met in target_rows(bench, agent):
+            verdict = "MET" if met else "**MISSED**"
+            lines.append(f"| {name} | {processes} | {measured} | {limit} | {verdict} |")
     return [*lines, ""]
 
 
@@ -1374,8 +1410,9 @@ def cell_table(bench: Bench) -> list[str]:
         "",
         "| model | format | c | batching | agent req/s | minimal req/s | agent / minimal "
         "| agent p50 / p99 ms | minimal p50 / p99 ms | mean batch | ORT rows/s "
-        "| agent / ORT | agent cores | other cores | errors | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| agent / ORT | agent cores | other cores | errors | target "
+        "| 2 processes: req/s | / minimal | p50 / p99 ms | cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ordered = _ordered(bench)
     lines += [
@@ -1413,9 +1450,23 @@ def _cell_row(bench: Bench, cell: Cell, m: Cell | None) -> str:
             f"{cell.cpu.cores('server'):.2f}",
             f"{other:.2f}",
             str(r.errors + (m.result.errors if m else 0)),
-            _cell_verdict(bench, cell) + " |",
+            _cell_verdict(bench, cell),
+            *_two_process_columns(bench, cell, m),
         ]
     )
+
+
+def _two_process_columns(bench: Bench, cell: Cell, m: Cell | None) -> list[str]:
+    two = bench.find(TWO, cell.model, cell.fmt, cell.concurrency) if cell.batching else None
+    if two is None:
+        return ["-", "-", "-", "- |"]
+    r = two.result
+    return [
+        f"{r.rps:,.0f}" + (f" ({r.errors} errors)" if r.errors else ""),
+        _ratio(r.rps, m.result.rps) if m else "-",
+        f"{r.p50_ms:.3f} / {r.p99_ms:.3f}",
+        f"{two.cpu.cores('server'):.2f} |",
+    ]
 
 
 def ort_table(bench: Bench) -> list[str]:

@@ -14,7 +14,18 @@ import pytest
 
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 
-LEAVES = {"errors", "config", "clock", "events", "tensors", "db", "logs", "metrics", "systemd"}
+LEAVES = {
+    "errors",
+    "config",
+    "clock",
+    "events",
+    "tensors",
+    "db",
+    "logs",
+    "metrics",
+    "systemd",
+    "ipc",
+}
 
 #: package (or top-level module) -> agent modules it must never import.
 FORBIDDEN: dict[str, set[str]] = {

@@ -1,0 +1,313 @@
+"""A replica process: the V2 data plane on one more core (``[server] processes`` > 1).
+
+Python runs one thread of Python at a time, and an agent request costs more Python
+(HTTP, codecs, checks, taps) than a small model costs onnxruntime: one process tops out
+at one core. A replica is a second serving process on the same port (``SO_REUSEPORT``:
+the kernel spreads new connections over the processes). The primary spawns it
+(``edge-agent replica --channel-fd N``) and hands it the running config over a private
+socketpair; the replica then
+
+- loads the versions the primary's ``registry.json`` names as active (``Follower``) and
+  switches when the primary says its state changed;
+- answers the V2 routes itself (infer, metadata, ready, health) through the same
+  middleware, codecs and batcher as the primary;
+- forwards every other route (admin, feedback, drift, ``/metrics``) to the primary over
+  the primary's control socket, so any connection can reach any route;
+- ships each answered prediction to the primary, which feeds its side taps (prediction
+  log, drift, capture) and probation statistics, plus a snapshot of its counters and
+  histograms every second (one scrape of ``/metrics`` shows every process).
+
+It stops on SIGTERM/SIGINT (draining like the primary), on a ``stop`` message, and when
+the channel closes: a replica never outlives its primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter as Tally
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from agent import ipc, logs
+from agent.api import v2
+from agent.api.middleware import TRACKER, RequestTracker, edge_middleware
+from agent.api.services import SERVICES, Services
+from agent.app import REGISTRY, _http_busy, _observer, read_tokens, reconfigure, registry_settings
+from agent.clock import SystemClock
+from agent.config import Config
+from agent.daemon import SWITCH_INTERVAL_S, _drain, _ssl_context
+from agent.errors import Unavailable
+from agent.events import ModelEvent, PredictionEvent
+from agent.metrics import Metrics
+from agent.models.follower import Follower
+from agent.models.store import Store
+from agent.replicas import EventTuple
+
+log = structlog.get_logger(__name__)
+
+CONTROL = web.AppKey("control", aiohttp.ClientSession)
+
+#: Events held while the primary is slow to read; beyond this they are dropped (counted).
+MAX_PENDING_EVENTS = 20_000
+#: How often predictions and failure counts go to the primary.
+SHIP_INTERVAL_S = 0.02
+#: How often the counters and histograms go to the primary.
+METRICS_INTERVAL_S = 1.0
+#: Headers that belong to one connection, not to the request or answer being forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+class Uplink:
+    """What a replica tells the primary: predictions, version failures, metrics."""
+
+    def __init__(self, writer: asyncio.StreamWriter, metrics: Metrics, registry: Follower) -> None:
+        self._writer = writer
+        self._metrics = metrics
+        self._registry = registry
+        # Plain tuples: a slotted dataclass unpickles several times slower, on the primary.
+        self._events: list[EventTuple] = []
+        self._errors_sent: Tally[tuple[str, int]] = Tally()
+        self._shipped = metrics.replica_events.labels("shipped")
+        self._dropped = metrics.replica_events.labels("dropped")
+
+    def prediction(self, event: PredictionEvent) -> None:
+        """Queue one answered request for the primary's taps (never blocks)."""
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._dropped.inc()
+            return
+        self._events.append(
+            (
+                event.id,
+                event.model,
+                event.version,
+                event.ts,
+                event.inputs,
+                event.outputs,
+                event.latency_s,
+            )
+        )
+
+    async def run(self) -> None:
+        """Ship every ``SHIP_INTERVAL_S``, metrics every ``METRICS_INTERVAL_S``."""
+        loop = asyncio.get_running_loop()
+        next_metrics = loop.time()
+        while True:
+            await asyncio.sleep(SHIP_INTERVAL_S)
+            await self.flush(metrics=loop.time() >= next_metrics)
+            if loop.time() >= next_metrics:
+                next_metrics = loop.time() + METRICS_INTERVAL_S
+
+    async def flush(self, *, metrics: bool = True) -> None:
+        """Send what is queued (and the metrics snapshot)."""
+        events, self._events = self._events, []
+        failures = self._new_failures()
+        if events or failures:
+            await ipc.send(self._writer, ("events", events, failures))
+            self._shipped.inc(len(events))
+        if metrics:
+            await ipc.send(self._writer, ("metrics", self._metrics.snapshot()))
+
+    def _new_failures(self) -> list[tuple[str, int, int]]:
+        """Requests each active version failed since the last flush (probation counts them)."""
+        out: list[tuple[str, int, int]] = []
+        for entry in self._registry.models.values():
+            live = entry.active
+            if live is None:
+                continue
+            key = (live.name, live.version)
+            new = live.stats.errors - self._errors_sent[key]
+            if new > 0:
+                out.append((live.name, live.version, new))
+                self._errors_sent[key] = live.stats.errors
+        return out
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
+    """Any route a replica does not serve itself: ask the primary, answer what it says."""
+    session = request.app[CONTROL]
+    body = await request.read() if request.body_exists else None
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    url = URL(f"http://primary{request.raw_path}", encoded=True)
+    try:
+        async with session.request(
+            request.method, url, headers=headers, data=body, allow_redirects=False
+        ) as reply:
+            payload = await reply.read()
+            out = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP}
+            return web.Response(status=reply.status, body=payload, headers=out)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Unavailable(
+            f"{request.path} is served by the agent's primary process, which does not answer "
+            f"({exc.__class__.__name__}); retry in a moment",
+            retry_after_s=1,
+        ) from exc
+
+
+def build_replica_app(
+    config: Config, control: str, writer: asyncio.StreamWriter
+) -> web.Application:
+    """The replica's aiohttp application: V2 routes here, the rest forwarded."""
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[edge_middleware]
+    )
+    app.add_routes(v2.routes)
+    app.router.add_route("*", "/{tail:.*}", _forward)
+    app[TRACKER] = RequestTracker()
+    app.cleanup_ctx.append(_replica_ctx(config, control, writer))
+    return app
+
+
+def _replica_ctx(config: Config, control: str, writer: asyncio.StreamWriter) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        clock = SystemClock()
+        metrics = Metrics()
+        infer_pool = ThreadPoolExecutor(config.batching.workers, thread_name_prefix="infer")
+        load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+        store = await asyncio.to_thread(Store, Path(config.state.dir))
+        registry = Follower(
+            store,
+            registry_settings(config),
+            load_executor=load_pool,
+            infer_executor=infer_pool,
+            clock=clock,
+            on_event=_on_model_event,
+            observer=_observer(metrics),
+            busy=lambda: _http_busy(app),
+        )
+        uplink = Uplink(writer, metrics, registry)
+        app[REGISTRY] = registry
+        app[SERVICES] = Services(
+            config=config,
+            registry=registry,
+            metrics=metrics,
+            clock=clock,
+            on_prediction=uplink.prediction,
+        )
+        app[SERVICES].extras["tokens"] = await asyncio.to_thread(read_tokens, config)
+        app[SERVICES].extras["uplink"] = uplink
+        app[CONTROL] = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=control),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=config.server.drain_timeout_s + 30),
+        )
+        shipping = asyncio.get_running_loop().create_task(uplink.run(), name="uplink")
+        try:
+            await registry.restore()
+            yield
+        finally:
+            shipping.cancel()
+            await asyncio.gather(shipping, return_exceptions=True)
+            try:
+                await uplink.flush()  # the last predictions and counters reach the taps
+            except ipc.ChannelClosed:
+                log.warning("replica_flush_lost", reason="the primary closed the channel")
+            await app[CONTROL].close()
+            await registry.close()
+            await asyncio.to_thread(infer_pool.shutdown, wait=True, cancel_futures=True)
+            load_pool.shutdown(wait=False, cancel_futures=True)
+
+    return ctx
+
+
+def _on_model_event(event: ModelEvent) -> None:
+    """The registry logged it; the primary emits the events (upstream, metrics)."""
+
+
+async def serve_replica(fd: int) -> int:
+    """Run one replica until told to stop; returns the exit code."""
+    reader, writer = await ipc.open_channel(fd)
+    hello: dict[str, Any] = await ipc.receive(reader)
+    config: Config = hello["config"]
+    logs.configure(config.log.level, config.log.format)
+    structlog.contextvars.bind_contextvars(replica=hello["index"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary sends the new config
+    app = build_replica_app(config, hello["control"], writer)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=config.server.keepalive_timeout_s,
+        shutdown_timeout=min(1.0, config.server.drain_timeout_s),
+    )
+    listen = asyncio.create_task(_listen(reader, app, stop), name="channel")
+    try:
+        await runner.setup()  # loads the active versions before taking connections
+        site = web.TCPSite(
+            runner,
+            config.server.host,
+            hello["port"],
+            ssl_context=_ssl_context(config),
+            backlog=1024,
+            reuse_port=True,
+        )
+        await site.start()
+        await ipc.send(writer, ("ready", os.getpid()))
+        log.info("replica_listening", port=hello["port"], pid=os.getpid())
+        await stop.wait()
+        app[SERVICES].accepting = False
+        await site.stop()
+        await _drain(app[TRACKER], config.server.drain_timeout_s)
+    finally:
+        listen.cancel()
+        await asyncio.gather(listen, return_exceptions=True)
+        await runner.cleanup()
+        writer.close()
+    log.info("replica_stopped", pid=os.getpid())
+    return 0
+
+
+async def _listen(reader: asyncio.StreamReader, app: web.Application, stop: asyncio.Event) -> None:
+    """Messages from the primary: sync, config, stop; the end of the channel means stop."""
+    try:
+        while True:
+            message = await ipc.receive(reader)
+            kind = message[0]
+            if kind == "stop":
+                break
+            registry = app.get(REGISTRY)
+            if kind == "sync" and isinstance(registry, Follower):
+                await registry.sync()
+            elif kind == "config" and SERVICES in app:
+                new: Config = message[1]
+                logs.configure(new.log.level, new.log.format)
+                try:
+                    reconfigure(app, new)
+                except OSError as exc:
+                    log.warning("config_reload_refused", problems=[str(exc)])
+    except ipc.ChannelClosed:
+        log.warning("replica_orphaned", action="stopping: the primary process is gone")
+    finally:
+        stop.set()
+
+
+def run(fd: int) -> int:
+    """Entry point of ``edge-agent replica``."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    return asyncio.run(serve_replica(fd))
