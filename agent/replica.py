@@ -57,10 +57,14 @@ log = structlog.get_logger(__name__)
 
 CONTROL = web.AppKey("control", aiohttp.ClientSession)
 
-#: Events held while the primary is slow to read; beyond this they are dropped (counted).
+#: Events (and their tensor bytes) held while the primary is slow to read; beyond either
+#: bound new ones are dropped (counted in edge_agent_replica_events_total{outcome="dropped"}).
 MAX_PENDING_EVENTS = 20_000
+MAX_PENDING_BYTES = 64 * 1024 * 1024
 #: How often predictions and failure counts go to the primary.
 SHIP_INTERVAL_S = 0.02
+#: Seconds a stopping replica may take beyond ``[server] drain_timeout_s`` before it exits hard.
+_STOP_GRACE_S = 10.0
 #: How often the counters and histograms go to the primary.
 METRICS_INTERVAL_S = 1.0
 #: Headers that belong to one connection, not to the request or answer being forwarded.
@@ -89,15 +93,20 @@ class Uplink:
         self._registry = registry
         # Plain tuples: a slotted dataclass unpickles several times slower, on the primary.
         self._events: list[EventTuple] = []
+        self._bytes = 0
         self._errors_sent: Tally[tuple[str, int]] = Tally()
         self._shipped = metrics.replica_events.labels("shipped")
         self._dropped = metrics.replica_events.labels("dropped")
 
     def prediction(self, event: PredictionEvent) -> None:
         """Queue one answered request for the primary's taps (never blocks)."""
-        if len(self._events) >= MAX_PENDING_EVENTS:
+        size = sum(a.nbytes for a in event.inputs.values()) + sum(
+            a.nbytes for a in event.outputs.values()
+        )
+        if len(self._events) >= MAX_PENDING_EVENTS or self._bytes + size > MAX_PENDING_BYTES:
             self._dropped.inc()
             return
+        self._bytes += size
         self._events.append(
             (
                 event.id,
@@ -122,7 +131,7 @@ class Uplink:
 
     async def flush(self, *, metrics: bool = True) -> None:
         """Send what is queued (and the metrics snapshot)."""
-        events, self._events = self._events, []
+        events, self._events, self._bytes = self._events, [], 0
         failures = self._new_failures()
         if events or failures:
             await ipc.send(self._writer, ("events", events, failures))
@@ -239,7 +248,11 @@ def _on_model_event(event: ModelEvent) -> None:
 async def serve_replica(fd: int) -> int:
     """Run one replica until told to stop; returns the exit code."""
     reader, writer = await ipc.open_channel(fd)
-    hello: dict[str, Any] = await ipc.receive(reader)
+    try:
+        hello: dict[str, Any] = await ipc.receive(reader)
+    except ipc.ChannelClosed:
+        log.warning("replica_orphaned", action="exiting: the primary stopped before the start")
+        return 1
     config: Config = hello["config"]
     logs.configure(config.log.level, config.log.format)
     structlog.contextvars.bind_contextvars(replica=hello["index"])
@@ -257,6 +270,8 @@ async def serve_replica(fd: int) -> int:
         shutdown_timeout=min(1.0, config.server.drain_timeout_s),
     )
     listen = asyncio.create_task(_listen(reader, app, stop), name="channel")
+    limit_s = config.server.drain_timeout_s + _STOP_GRACE_S
+    backstop = asyncio.create_task(_exit_if_stuck(stop, limit_s), name="backstop")
     try:
         await runner.setup()  # loads the active versions before taking connections
         site = web.TCPSite(
@@ -279,8 +294,20 @@ async def serve_replica(fd: int) -> int:
         await asyncio.gather(listen, return_exceptions=True)
         await runner.cleanup()
         writer.close()
+        backstop.cancel()
     log.info("replica_stopped", pid=os.getpid())
     return 0
+
+
+async def _exit_if_stuck(stop: asyncio.Event, limit_s: float) -> None:
+    """A replica must never outlive its primary: once told to stop, exit within the
+    drain timeout plus a grace, even if something in the shutdown hangs."""
+    await stop.wait()
+    await asyncio.sleep(limit_s)
+    log.error("replica_stop_stuck", limit_s=limit_s, action="exiting now; task stacks follow")
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+    os._exit(1)
 
 
 async def _listen(reader: asyncio.StreamReader, app: web.Application, stop: asyncio.Event) -> None:

@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 EventTuple = tuple[str, str, int, float, dict[str, Array], dict[str, Array], float]
 
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: How long the primary keeps reading a stopped replica's channel for its last messages.
+_FINAL_READ_S = 5.0
 #: A replica up this long has its restart backoff reset.
 _HEALTHY_S = 60.0
 
@@ -105,10 +107,10 @@ class ReplicaSet:
             loop.create_task(self._supervise(r), name=f"replica-{r.index}") for r in self._replicas
         ]
 
-    async def broadcast(self, message: Any) -> None:
+    async def broadcast(self, message: Any, *, ready_only: bool = True) -> None:
         """Send a message to every replica that is up (a dead one gets the state at start)."""
         for replica in self._replicas:
-            if replica.writer is not None and replica.ready:
+            if replica.writer is not None and (replica.ready or not ready_only):
                 with contextlib.suppress(ipc.ChannelClosed):
                     await ipc.send(replica.writer, message)
 
@@ -126,7 +128,7 @@ class ReplicaSet:
     async def stop(self, timeout_s: float) -> None:
         """Ask every replica to drain and exit; kill the ones still there after the timeout."""
         self._stop.set()
-        await self.broadcast(("stop",))
+        await self.broadcast(("stop",), ready_only=False)
         deadline = time.monotonic() + timeout_s
         for replica in self._replicas:
             process = replica.process
@@ -139,6 +141,10 @@ class ReplicaSet:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
+        # Each supervisor reads its channel to the end (the last predictions a replica
+        # flushed on its way out) and then returns; cancel only what is still stuck.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=_FINAL_READ_S)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -199,6 +205,8 @@ class ReplicaSet:
                 "control": self._control,
             }
             await ipc.send(writer, hello)
+            if self._stop.is_set():  # stopped while this one was being spawned
+                await ipc.send(writer, ("stop",))
             await self._serve(replica, reader)
         except ipc.ChannelClosed:
             pass

@@ -740,7 +740,7 @@ def check_answer(url: str, request: Request, expected_label: Any) -> str | None:
     return None
 
 
-_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
+_SAMPLE = re.compile(r"^(\w+)(?:\{([^}]*)\})?\s+(\S+)$")
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
@@ -750,7 +750,7 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         match = _SAMPLE.match(line)
         if match is None or match.group(1) != name:
             continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(match.group(3))
     return total
