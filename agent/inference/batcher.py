@@ -232,9 +232,12 @@ class Batcher:
         self._inline_runs += 1
         if self._inline_runs > _INLINE_WARMUP:  # the first runs on this thread are cold
             self._inline_times.append(elapsed)
-            # The median of recent runs: one pause (GC, a busy core) must not exclude a
-            # fast model from the inline path for thousands of requests.
-            self._inline_cost_s = sorted(self._inline_times)[len(self._inline_times) // 2]
+            # The fastest quarter of recent runs: onnxruntime lets go of the GIL while it
+            # computes, and getting it back from a busy side thread (drift, SQLite) can
+            # take a switch interval; such waits say nothing about the model, and one busy
+            # spell must not send a fast model to the executor for good. A model that is
+            # really slow is slow in every run.
+            self._inline_cost_s = sorted(self._inline_times)[len(self._inline_times) // 4]
 
     async def _dispatch(self) -> None:
         while True:
