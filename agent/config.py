@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import socket
 import tomllib
@@ -122,7 +123,11 @@ class Server:
     max_rows: int = _setting(4096, ge=1)
     drain_timeout_s: float = _setting(20.0, gt=0)
     keepalive_timeout_s: float = _setting(75.0, gt=0)
-    processes: int = _setting(1, ge=1, le=64)
+    processes: int = _setting(1, ge=0, le=64)  # 0: one per usable core
+
+    def serving_processes(self) -> int:
+        """``processes``, with 0 resolved to the cores this process may run on."""
+        return self.processes or max(1, min(64, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -358,7 +358,7 @@ async def _start_replicas(
     app: web.Application, runner: web.AppRunner, config: Config
 ) -> ReplicaSet | None:
     """``[server] processes`` - 1 replicas on our port, and the control socket they use."""
-    count = config.server.processes - 1
+    count = config.server.serving_processes() - 1
     if count < 1:
         return None
     services = app[SERVICES]
@@ -435,7 +435,7 @@ async def _bind(runner: web.AppRunner, config: Config, context: ssl.SSLContext |
         port,
         ssl_context=context,
         backlog=1024,
-        reuse_port=config.server.processes > 1,  # the replicas bind the same port
+        reuse_port=config.server.serving_processes() > 1,  # the replicas bind the same port
     )
     try:
         await site.start()

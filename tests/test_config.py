@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import textwrap
 import tomllib
 from pathlib import Path
@@ -176,6 +177,15 @@ class TestRanges:
         """A port above 65535 is reported with the allowed range."""
         message = only_problem("[server]\nport = 70000\n")
         assert message == "server.port (line 2): got 70000; expected an integer 0..65535"
+
+    def test_processes_zero_means_one_per_usable_core(self) -> None:
+        """processes = 0 resolves to the cores this process may run on; N stays N."""
+        auto = config.loads("[server]\nprocesses = 0\n").server
+        assert auto.serving_processes() == min(64, len(os.sched_getaffinity(0)))
+        assert config.loads("[server]\nprocesses = 3\n").server.serving_processes() == 3
+        assert config.default().server.serving_processes() == 1
+        message = only_problem("[server]\nprocesses = 65\n")
+        assert message == "server.processes (line 2): got 65; expected an integer 0..64"
 
     def test_port_zero_is_allowed(self) -> None:
         """Port 0 (ephemeral) is valid."""
