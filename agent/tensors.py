@@ -60,11 +60,21 @@ ORT_TO_V2: Final[dict[str, str]] = {
 Array = npt.NDArray[Any]
 
 
+#: Every numeric dtype in either byte order (and object) by V2 name: one lookup per call.
+_V2_OF_DTYPE: Final[dict[np.dtype[Any], str]] = {
+    dt.newbyteorder(order): name for dt, name in NUMPY_TO_V2.items() for order in ("<", ">", "=")
+}
+
+
 def v2_datatype(array: Array) -> str:
     """The V2 datatype name of a numpy array (``str`` and ``bytes`` arrays are BYTES)."""
-    if array.dtype.kind in ("U", "S", "O"):
+    dtype = array.dtype
+    name = _V2_OF_DTYPE.get(dtype)
+    if name is not None:
+        return name
+    if dtype.kind in ("U", "S", "O"):
         return "BYTES"
-    return NUMPY_TO_V2[array.dtype.newbyteorder("=")]
+    return NUMPY_TO_V2[dtype.newbyteorder("=")]
 
 
 def element_size(datatype: str) -> int:
