@@ -1280,7 +1280,9 @@ def header(bench: Bench, elapsed: float) -> list[str]:
         "request on every call",
         "- agent: `python -m agent run` with the defaults ([batching] max_batch_size 32, "
         "max_delay_ms 2, workers 2; [models] intra_op_threads 1), [log] level info, "
-        "access_log = false; *batching off* = [batching] enabled = false",
+        "access_log = false; *batching off* = [batching] enabled = false; *2 processes* = "
+        "the same with [server] processes = 2 (the primary and one replica on the same port; "
+        "its *cores* and RSS are summed over both processes)",
         "- minimal server: one aiohttp process; its handler decodes V2 (orjson, msgpack, or the "
         "binary header + np.frombuffer), calls session.run inline and encodes the reply; same "
         "session options as the agent",

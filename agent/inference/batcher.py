@@ -48,9 +48,13 @@ log = structlog.get_logger(__name__)
 
 Outputs = dict[str, Array]
 
-#: Inline runs not counted in the median: onnxruntime's first runs on a new thread
-#: allocate (the loader warmed the session up on its own thread), and take ten times longer.
+#: Inline runs not counted: onnxruntime's first runs on a new thread allocate (the loader
+#: warmed the session up on its own thread), and take ten times longer.
 _INLINE_WARMUP = 3
+#: A model the warm-up found fast but that left the inline path is tried inline again
+#: after this long: a busy spell (a drift report, a burst of big batches) must not keep a
+#: fast model on the executor for good.
+_REPROBE_S = 10.0
 #: Called after each run with (rows, requests, seconds in onnxruntime, each request's queue wait).
 RunObserver = Callable[[int, int, float, list[float]], None]
 
@@ -116,6 +120,7 @@ class Batcher:
         self._inline_cost_s: float | None = runner.typical_run_s
         self._inline_times: deque[float] = deque(maxlen=15)
         self._inline_runs = 0
+        self._left_inline_at: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -180,13 +185,34 @@ class Batcher:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
         Only a model measured fast at warm-up (``typical_run_s``) ever runs inline; its
-        inline runs then keep the estimate current, and a model that turns slow goes back
-        to the executor for good (until it is loaded again).
+        inline runs then keep the estimate current (per request, for merged batches), a
+        model that turns slow goes back to the executor, and after ``_REPROBE_S`` off the
+        inline path it is tried there again.
         """
         if self._pending or self._inflight or self._closed:
             return False
         cost = self._inline_cost_s
-        return cost is not None and cost * 1e6 < self._settings.inline_max_us
+        if cost is None:
+            return False
+        if cost * 1e6 < self._settings.inline_max_us:
+            return True
+        return self._reprobe()
+
+    def _reprobe(self) -> bool:
+        """Off the inline path: try it again now and then if the warm-up found it fast."""
+        warm = self._runner.typical_run_s
+        if warm is None or warm * 1e6 >= self._settings.inline_max_us:
+            return False
+        now = self._clock.monotonic()
+        if self._left_inline_at is None:
+            self._left_inline_at = now
+            return False
+        if now - self._left_inline_at < _REPROBE_S:
+            return False
+        self._left_inline_at = None
+        self._inline_times.clear()
+        self._inline_cost_s = warm
+        return True
 
     def _run_inline(self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int) -> Outputs:
         start = self._clock.monotonic()
@@ -225,7 +251,8 @@ class Batcher:
                 continue
             start = self._clock.monotonic()
             results = self._run_batch(batch)
-            self._measured_inline(self._clock.monotonic() - start)
+            # Per request: a merged batch holds the loop longer, but for all of them.
+            self._measured_inline((self._clock.monotonic() - start) / len(batch))
             self._deliver(batch, results)
 
     def _measured_inline(self, elapsed: float) -> None:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.clock import SystemClock
+from agent.clock import Clock, SystemClock
 from agent.errors import InferenceFailed, Overloaded
-from agent.inference.batcher import Batcher, BatchSettings
+from agent.inference.batcher import _INLINE_WARMUP, _REPROBE_S, Batcher, BatchSettings
 from agent.inference.session import OrtRunner, SessionSettings
 
 TABULAR = modelgen.tabular_classifier()
@@ -33,6 +33,19 @@ def runner_for(model: bytes) -> OrtRunner:
 def runner() -> OrtRunner:
     """A real onnxruntime session of the tabular classifier."""
     return runner_for(TABULAR)
+
+
+class _JumpingClock(SystemClock):
+    """The system clock, which a test can move forward at once (runs still take real time)."""
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self._offset
+
+    def jump(self, seconds: float) -> None:
+        self._offset += seconds
 
 
 @contextmanager
@@ -57,7 +70,7 @@ def blocked(executor: ThreadPoolExecutor, workers: int) -> Iterator[threading.Ev
 
 @asynccontextmanager
 async def make_batcher(
-    runner: OrtRunner, busy: bool = False, **kw: object
+    runner: OrtRunner, busy: bool = False, clock: Clock | None = None, **kw: object
 ) -> AsyncIterator[tuple[Batcher, ThreadPoolExecutor]]:
     """A started batcher on its own pool; stopped afterwards."""
     settings_ = BatchSettings(**{"workers": 1, "max_delay_ms": 0.0, "inline_max_us": 0.0, **kw})  # type: ignore[arg-type]
@@ -66,7 +79,7 @@ async def make_batcher(
         runner,
         executor,
         settings_,
-        SystemClock(),
+        clock or SystemClock(),
         label="tab:1",
         observe=lambda rows, reqs, secs, waits: sizes.append(reqs),
         busy=(lambda: True) if busy else None,
@@ -270,6 +283,25 @@ class TestInline:
                 await asyncio.sleep(0.01)
                 assert not queued.done()
             assert (await queued)["label"].shape == (1,)
+
+    async def test_a_model_that_left_the_loop_is_tried_there_again(self, runner: OrtRunner) -> None:
+        """Measured slower than inline_max_us it moves to the executor; after _REPROBE_S
+        (if the warm-up found it fast) it runs inline again."""
+        clock = _JumpingClock()
+        runner.typical_run_s = 1e-7  # fast at warm-up; every real run is slower than 1 µs
+        async with make_batcher(runner, clock=clock, inline_max_us=1.0) as (batcher, executor):
+            for _ in range(_INLINE_WARMUP + 1):  # not counted, then one measures ~30 µs
+                with blocked(executor, 1):
+                    await asyncio.wait_for(batcher.infer({"float_input": X[:1]}, OUTPUTS), 5)
+            with blocked(executor, 1):  # now off the loop: it waits for the executor
+                queued = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
+                await asyncio.sleep(0.01)
+                assert not queued.done()
+            await asyncio.wait_for(queued, 5)
+            clock.jump(_REPROBE_S + 1)
+            with blocked(executor, 1):  # tried inline again: answers with the pool busy
+                got = await asyncio.wait_for(batcher.infer({"float_input": X[:1]}, OUTPUTS), 5)
+        assert got["label"].shape == (1,)
 
     async def test_under_load_fast_requests_batch_on_the_loop(self, runner: OrtRunner) -> None:
         """While busy, requests reaching a fast model in one loop turn run as one batch."""
