@@ -169,7 +169,7 @@ class Batching:
     max_delay_ms: float = _setting(2.0, ge=0)
     max_queue: int = _setting(1024, ge=1)
     workers: int = _setting(2, ge=1)
-    inline_max_us: float = _setting(150.0, ge=0)
+    inline_max_us: float = _setting(100.0, ge=0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -186,8 +186,8 @@ class Batcher:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
         Only a model measured fast at warm-up (``typical_run_s``) ever runs inline; its
-        inline runs then keep the estimate current (per request, for merged batches), a
-        model that turns slow goes back to the executor, and after ``_REPROBE_S`` off the
+        inline runs then keep the estimate current (a merged batch counts whole), a model
+        that turns slow goes back to the executor, and after ``_REPROBE_S`` off the
         inline path it is tried there again.
         """
         if self._pending or self._inflight or self._closed:
@@ -252,8 +252,10 @@ class Batcher:
                 continue
             cpu = time.thread_time()
             results = self._run_batch(batch)
-            # Per request: a merged batch holds the loop longer, but for all of them.
-            self._measured_inline((time.thread_time() - cpu) / len(batch))
+            # The whole batch: the loop is blocked for all of it. A model whose merged
+            # batches cost more than inline_max_us leaves the loop under load, where the
+            # executor lets HTTP handling run beside the inference.
+            self._measured_inline(time.thread_time() - cpu)
             self._deliver(batch, results)
 
     def _measured_inline(self, cpu_s: float) -> None:
@@ -271,6 +273,13 @@ class Batcher:
         if self._inline_runs > _INLINE_WARMUP:  # the first runs on this thread are cold
             self._inline_times.append(cpu_s)
             self._inline_cost_s = min(self._inline_times)
+            if self._inline_cost_s * 1e6 >= self._settings.inline_max_us:
+                log.info(
+                    "inline_path_left",
+                    model=self._label,
+                    cost_us=round(self._inline_cost_s * 1e6, 1),
+                    inline_max_us=self._settings.inline_max_us,
+                )
 
     async def _dispatch(self) -> None:
         while True:

@@ -138,13 +138,15 @@ def _smoke(runner: OrtRunner) -> None:
         ) from exc
 
 
-#: Warm runs timed after the warm-up, for models whose runs are short enough.
-_MEASURED_RUNS = 5
+#: Warm runs timed after the warm-up (at most, and within a budget), for models whose
+#: runs are short enough.
+_MEASURED_RUNS = 50
+_MEASURE_BUDGET_S = 0.02
 _MEASURE_BELOW_S = 0.01
 
 
 def _warm_up(runner: OrtRunner, runs: int, *, own_thread: bool = True) -> None:
-    """Run ``runs`` times, then measure: the fastest of a few warm runs becomes
+    """Run ``runs`` times, then measure: the fastest of the warm runs becomes
     ``runner.typical_run_s`` (the batcher decides from it whether the model is fast enough
     to run inline). The first runs of a session are cold (a small MLP: 800, 150, 60 µs,
     then 30 µs), so they only warm. With ``own_thread`` (``intra_op_threads`` = 1,
@@ -166,8 +168,17 @@ def _warm_up(runner: OrtRunner, runs: int, *, own_thread: bool = True) -> None:
     last = 0.0
     for _ in range(max(runs, 1)):
         last = timed()
-    times = [timed() for _ in range(_MEASURED_RUNS)] if last < _MEASURE_BELOW_S else [last]
-    runner.typical_run_s = min(times)
+    best, spent = last, 0.0
+    if last < _MEASURE_BELOW_S:
+        # Up to _MEASURED_RUNS more, within _MEASURE_BUDGET_S: a new session's first few
+        # dozen runs still allocate (a 13 µs MLP measured 100 µs over its runs 4 to 8
+        # once, 19 µs another time); the fastest run is the model's cost.
+        for _ in range(_MEASURED_RUNS):
+            took = timed()
+            best, spent = min(best, took), spent + took
+            if spent > _MEASURE_BUDGET_S:
+                break
+    runner.typical_run_s = best
 
 
 def _run_test_vectors(runner: OrtRunner, bundle: Bundle, rtol: float, atol: float) -> None:

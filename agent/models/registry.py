@@ -497,6 +497,7 @@ class Registry:
             previous=previous,
             how=how,
             load_s=round(live.load_s, 3),
+            run_us=_micros(live.runner.typical_run_s),
             sha256=live.bundle.sha256[:12],
         )
         detail = {"from": previous, "how": how, "load_s": live.load_s}
@@ -629,3 +630,8 @@ def _resting_state(entry: ModelEntry) -> State:
 def _policy(base: ProbationPolicy, live: LiveVersion) -> ProbationPolicy:
     m = live.manifest
     return base if m is None else base.overridden(m.probation_s, m.max_error_rate, m.max_p99_ratio)
+
+
+def _micros(seconds: float | None) -> float | None:
+    """A warm-up run time for the log (the batcher runs models under inline_max_us inline)."""
+    return round(seconds * 1e6, 1) if seconds is not None else None
