@@ -186,8 +186,8 @@ class Batcher:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
         Only a model measured fast at warm-up (``typical_run_s``) ever runs inline; its
-        inline runs then keep the estimate current (a merged batch counts whole), a model
-        that turns slow goes back to the executor, and after ``_REPROBE_S`` off the
+        inline runs then keep the estimate current (per request, for a merged batch), a
+        model that turns slow goes back to the executor, and after ``_REPROBE_S`` off the
         inline path it is tried there again.
         """
         if self._pending or self._inflight or self._closed:
@@ -252,10 +252,9 @@ class Batcher:
                 continue
             cpu = time.thread_time()
             results = self._run_batch(batch)
-            # The whole batch: the loop is blocked for all of it. A model whose merged
-            # batches cost more than inline_max_us leaves the loop under load, where the
-            # executor lets HTTP handling run beside the inference.
-            self._measured_inline(time.thread_time() - cpu)
+            # Per request: a merged batch holds the loop longer, but for all of them (its
+            # splitting and bookkeeping would cost the loop as much from the executor).
+            self._measured_inline((time.thread_time() - cpu) / len(batch))
             self._deliver(batch, results)
 
     def _measured_inline(self, cpu_s: float) -> None:
