@@ -186,9 +186,9 @@ class Batcher:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
         Only a model measured fast at warm-up (``typical_run_s``) ever runs inline; its
-        inline runs then keep the estimate current (per request, for a merged batch), a
-        model that turns slow goes back to the executor, and after ``_REPROBE_S`` off the
-        inline path it is tried there again.
+        inline runs while idle keep the estimate current, a model that turns slow goes
+        back to the executor, and after ``_REPROBE_S`` off the inline path it is tried
+        there again.
         """
         if self._pending or self._inflight or self._closed:
             return False
@@ -250,11 +250,11 @@ class Batcher:
             batch = self._take(self._pending[0].key)
             if not batch:
                 continue
-            cpu = time.thread_time()
+            # Not measured: under load the loop thread's time per batch mixes in the
+            # merging, splitting and bookkeeping of whatever else the turn ran (a 13 µs
+            # MLP measured 200+ µs per request here); requests run alone while idle say
+            # what the model costs.
             results = self._run_batch(batch)
-            # Per request: a merged batch holds the loop longer, but for all of them (its
-            # splitting and bookkeeping would cost the loop as much from the executor).
-            self._measured_inline((time.thread_time() - cpu) / len(batch))
             self._deliver(batch, results)
 
     def _measured_inline(self, cpu_s: float) -> None:
