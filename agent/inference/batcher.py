@@ -30,7 +30,6 @@ This module must not know about HTTP or the registry.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -49,13 +48,9 @@ log = structlog.get_logger(__name__)
 
 Outputs = dict[str, Array]
 
-#: Inline runs not counted: onnxruntime's first runs on a new thread allocate (the loader
-#: warmed the session up on its own thread), and take ten times longer.
-_INLINE_WARMUP = 3
-#: A model the warm-up found fast but that left the inline path is tried inline again
-#: after this long: a busy spell (a drift report, a burst of big batches) must not keep a
-#: fast model on the executor for good.
-_REPROBE_S = 10.0
+#: A request runs inline only while rows x the model's one-row time stays under this many
+#: times ``inline_max_us``: a big request to a fast model must not hold the loop.
+_INLINE_ROWS_FACTOR = 4
 #: Called after each run with (rows, requests, seconds in onnxruntime, each request's queue wait).
 RunObserver = Callable[[int, int, float, list[float]], None]
 
@@ -119,9 +114,6 @@ class Batcher:
         # Median of recent inline run times; None until measured. Above inline_max_us the
         # model goes through the queue and the executor (and is batched under load).
         self._inline_cost_s: float | None = runner.typical_run_s
-        self._inline_times: deque[float] = deque(maxlen=15)
-        self._inline_runs = 0
-        self._left_inline_at: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -172,7 +164,7 @@ class Batcher:
             )
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
-        if self._runs_inline():
+        if self._runs_inline(rows):
             if self._busy is None or not self._busy():
                 return self._run_inline(inputs, outputs, rows)
             return await self._gather_inline(inputs, outputs, rows)
@@ -182,41 +174,24 @@ class Batcher:
         self._wakeup.set()
         return await future
 
-    def _runs_inline(self) -> bool:
+    def _runs_inline(self, rows: int) -> bool:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
-        Only a model measured fast at warm-up (``typical_run_s``) ever runs inline; its
-        inline runs while idle keep the estimate current, a model that turns slow goes
-        back to the executor, and after ``_REPROBE_S`` off the inline path it is tried
-        there again.
+        The loader's warm-up measured the model (``typical_run_s``: the load thread's CPU
+        time of its fastest warm one-row run). Run times measured later on the event loop
+        are not used: under load they mix in the GIL waits and the bookkeeping of
+        everything else the loop does (a 13 µs MLP measured 200-300 µs there).
         """
         if self._pending or self._inflight or self._closed:
             return False
         cost = self._inline_cost_s
         if cost is None:
             return False
-        if cost * 1e6 < self._settings.inline_max_us:
-            return True
-        return self._reprobe()
-
-    def _reprobe(self) -> bool:
-        """Off the inline path: try it again now and then if the warm-up found it fast."""
-        warm = self._runner.typical_run_s
-        if warm is None or warm * 1e6 >= self._settings.inline_max_us:
-            return False
-        now = self._clock.monotonic()
-        if self._left_inline_at is None:
-            self._left_inline_at = now
-            return False
-        if now - self._left_inline_at < _REPROBE_S:
-            return False
-        self._left_inline_at = None
-        self._inline_times.clear()
-        self._inline_cost_s = warm
-        return True
+        limit_s = self._settings.inline_max_us / 1e6
+        return cost < limit_s and rows * cost < _INLINE_ROWS_FACTOR * limit_s
 
     def _run_inline(self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int) -> Outputs:
-        start, cpu = self._clock.monotonic(), time.thread_time()
+        start = self._clock.monotonic()
         try:
             result = self._runner.run(inputs, outputs)
         except AgentError:
@@ -225,7 +200,6 @@ class Batcher:
             raise InferenceFailed(f"model {self._label} failed on this input: {exc}") from exc
         finally:
             elapsed = self._clock.monotonic() - start
-            self._measured_inline(time.thread_time() - cpu)
             if self._observe is not None:
                 self._observe(rows, 1, elapsed, [0.0])
         return result
@@ -250,35 +224,8 @@ class Batcher:
             batch = self._take(self._pending[0].key)
             if not batch:
                 continue
-            # Not measured: under load the loop thread's time per batch mixes in the
-            # merging, splitting and bookkeeping of whatever else the turn ran (a 13 µs
-            # MLP measured 200+ µs per request here); requests run alone while idle say
-            # what the model costs.
             results = self._run_batch(batch)
             self._deliver(batch, results)
-
-    def _measured_inline(self, cpu_s: float) -> None:
-        """Count an inline run's cost: the loop thread's CPU time, not the wall time.
-
-        onnxruntime lets go of the GIL while it computes, and getting it back from a busy
-        side thread (drift, SQLite) can take a switch interval: the wall time of a 14 µs
-        MLP on the loop was 60-250 µs while drift sketches were kept. Such waits say
-        nothing about the model and must not send it to the executor; the thread's CPU
-        time does not count them (with ``intra_op_threads`` = 1, onnxruntime computes on
-        the calling thread). The fastest of the recent runs decides: a model that is
-        really slow is slow in every run.
-        """
-        self._inline_runs += 1
-        if self._inline_runs > _INLINE_WARMUP:  # the first runs on this thread are cold
-            self._inline_times.append(cpu_s)
-            self._inline_cost_s = min(self._inline_times)
-            if self._inline_cost_s * 1e6 >= self._settings.inline_max_us:
-                log.info(
-                    "inline_path_left",
-                    model=self._label,
-                    cost_us=round(self._inline_cost_s * 1e6, 1),
-                    inline_max_us=self._settings.inline_max_us,
-                )
 
     async def _dispatch(self) -> None:
         while True:

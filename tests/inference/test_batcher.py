@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from agent.clock import Clock, SystemClock
 from agent.errors import InferenceFailed, Overloaded
-from agent.inference.batcher import _INLINE_WARMUP, _REPROBE_S, Batcher, BatchSettings
+from agent.inference.batcher import Batcher, BatchSettings
 from agent.inference.session import OrtRunner, SessionSettings
 
 TABULAR = modelgen.tabular_classifier()
@@ -33,19 +33,6 @@ def runner_for(model: bytes) -> OrtRunner:
 def runner() -> OrtRunner:
     """A real onnxruntime session of the tabular classifier."""
     return runner_for(TABULAR)
-
-
-class _JumpingClock(SystemClock):
-    """The system clock, which a test can move forward at once (runs still take real time)."""
-
-    def __init__(self) -> None:
-        self._offset = 0.0
-
-    def monotonic(self) -> float:
-        return super().monotonic() + self._offset
-
-    def jump(self, seconds: float) -> None:
-        self._offset += seconds
 
 
 @contextmanager
@@ -284,24 +271,20 @@ class TestInline:
                 assert not queued.done()
             assert (await queued)["label"].shape == (1,)
 
-    async def test_a_model_that_left_the_loop_is_tried_there_again(self, runner: OrtRunner) -> None:
-        """Measured slower than inline_max_us it moves to the executor; after _REPROBE_S
-        (if the warm-up found it fast) it runs inline again."""
-        clock = _JumpingClock()
-        runner.typical_run_s = 1e-7  # fast at warm-up; every real run is slower than 1 µs
-        async with make_batcher(runner, clock=clock, inline_max_us=1.0) as (batcher, executor):
-            for _ in range(_INLINE_WARMUP + 1):  # not counted, then one measures ~30 µs
-                with blocked(executor, 1):
-                    await asyncio.wait_for(batcher.infer({"float_input": X[:1]}, OUTPUTS), 5)
-            with blocked(executor, 1):  # now off the loop: it waits for the executor
-                queued = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
+    async def test_a_big_request_to_a_fast_model_goes_to_the_executor(
+        self, runner: OrtRunner
+    ) -> None:
+        """Rows x the one-row time over 4 x inline_max_us: the request does not hold the
+        loop; a small one to the same model still runs inline."""
+        runner.typical_run_s = 50e-6
+        async with make_batcher(runner, inline_max_us=100.0) as (batcher, executor):
+            with blocked(executor, 1):
+                small = await asyncio.wait_for(batcher.infer({"float_input": X[:7]}, OUTPUTS), 5)
+                big = asyncio.ensure_future(batcher.infer({"float_input": X[:9]}, OUTPUTS))
                 await asyncio.sleep(0.01)
-                assert not queued.done()
-            await asyncio.wait_for(queued, 5)
-            clock.jump(_REPROBE_S + 1)
-            with blocked(executor, 1):  # tried inline again: answers with the pool busy
-                got = await asyncio.wait_for(batcher.infer({"float_input": X[:1]}, OUTPUTS), 5)
-        assert got["label"].shape == (1,)
+                assert not big.done()  # 9 x 50 µs > 400 µs: queued for the (busy) executor
+            assert (await asyncio.wait_for(big, 5))["label"].shape == (9,)
+        assert small["label"].shape == (7,)
 
     async def test_under_load_fast_requests_batch_on_the_loop(self, runner: OrtRunner) -> None:
         """While busy, requests reaching a fast model in one loop turn run as one batch."""
