@@ -95,4 +95,41 @@ status=0
 wait "$agent_pid" || status=$?
 agent_pid=""
 echo "agent exited with status $status"
+[ "$status" -eq 0 ] || exit "$status"
+
+# The same examples, served by two processes on one port ([server] processes = 2).
+mkdir -p "$work/models2"
+chmod 755 "$work/models2"
+cp -r examples/models/. "$work/models2/"
+cat > "$work/config2.toml" <<TOML
+[server]
+host = "127.0.0.1"
+port = 0
+processes = 2
+[models]
+dir = "$work/models2"
+[state]
+dir = "$work/state2"
+[log]
+format = "json"
+access_log = false
+TOML
+echo "== starting edge-agent with [server] processes = 2 (log: $work/agent2.log)"
+.venv/bin/edge-agent run --config "$work/config2.toml" 2>"$work/agent2.log" &
+agent_pid=$!
+port=""
+for _ in $(seq 1 150); do
+    port="$(sed -n 's/.*"port":\([0-9]*\).*"event":"server_listening".*/\1/p' "$work/agent2.log" | head -n1)"
+    [ -n "$port" ] && break
+    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent2.log"; echo "agent exited"; exit 1; }
+    sleep 0.2
+done
+[ -n "$port" ] || { cat "$work/agent2.log"; echo "agent did not start"; exit 1; }
+.venv/bin/python scripts/demo_processes.py --url "http://127.0.0.1:$port"
+echo "== stopping edge-agent (SIGTERM: the replica drains and hands over, then the primary)"
+kill -TERM "$agent_pid"
+status=0
+wait "$agent_pid" || status=$?
+agent_pid=""
+echo "agent exited with status $status"
 exit "$status"
