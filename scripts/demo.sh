@@ -28,6 +28,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# start_agent CONFIG LOG: run edge-agent in the background; sets agent_pid and port.
+start_agent() {
+    echo "== starting edge-agent (log: $2)"
+    .venv/bin/edge-agent run --config "$1" 2>"$2" &
+    agent_pid=$!
+    port=""
+    for _ in $(seq 1 150); do
+        port="$(sed -n 's/.*"port":\([0-9]*\).*"event":"server_listening".*/\1/p' "$2" | head -n1)"
+        [ -n "$port" ] && return 0
+        kill -0 "$agent_pid" 2>/dev/null || { cat "$2"; echo "agent exited"; exit 1; }
+        sleep 0.2
+    done
+    cat "$2"
+    echo "agent did not start"
+    exit 1
+}
+
 # A drop dir with the examples, a private state dir, an ephemeral port.
 mkdir -p "$work/models"
 chmod 755 "$work/models"
@@ -73,17 +90,7 @@ format = "json"
 access_log = false
 TOML
 
-echo "== starting edge-agent (log: $work/agent.log)"
-.venv/bin/edge-agent run --config "$work/config.toml" 2>"$work/agent.log" &
-agent_pid=$!
-port=""
-for _ in $(seq 1 150); do
-    port="$(sed -n 's/.*"port":\([0-9]*\).*"event":"server_listening".*/\1/p' "$work/agent.log" | head -n1)"
-    [ -n "$port" ] && break
-    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent.log"; echo "agent exited"; exit 1; }
-    sleep 0.2
-done
-[ -n "$port" ] || { cat "$work/agent.log"; echo "agent did not start"; exit 1; }
+start_agent "$work/config.toml" "$work/agent.log"
 echo "== agent pid $agent_pid listening on http://127.0.0.1:$port"
 
 .venv/bin/python scripts/demo_tour.py --url "http://127.0.0.1:$port" --drop "$work/models" \
@@ -114,17 +121,8 @@ dir = "$work/state2"
 format = "json"
 access_log = false
 TOML
-echo "== starting edge-agent with [server] processes = 2 (log: $work/agent2.log)"
-.venv/bin/edge-agent run --config "$work/config2.toml" 2>"$work/agent2.log" &
-agent_pid=$!
-port=""
-for _ in $(seq 1 150); do
-    port="$(sed -n 's/.*"port":\([0-9]*\).*"event":"server_listening".*/\1/p' "$work/agent2.log" | head -n1)"
-    [ -n "$port" ] && break
-    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent2.log"; echo "agent exited"; exit 1; }
-    sleep 0.2
-done
-[ -n "$port" ] || { cat "$work/agent2.log"; echo "agent did not start"; exit 1; }
+echo "== with [server] processes = 2"
+start_agent "$work/config2.toml" "$work/agent2.log"
 .venv/bin/python scripts/demo_processes.py --url "http://127.0.0.1:$port"
 echo "== stopping edge-agent (SIGTERM: the replica drains and hands over, then the primary)"
 kill -TERM "$agent_pid"
