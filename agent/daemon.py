@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import math
 import os
 import resource
@@ -43,7 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import structlog
@@ -72,6 +73,8 @@ _CANCEL_GRACE_S = 1.0
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 #: The primary's socket for the routes replicas forward (in the state directory).
 CONTROL_SOCKET = "control.sock"
+#: Held (flock) by the running agent: one agent per state dir.
+LOCK_FILE = "agent.lock"
 _MAX_UNIX_PATH = 107
 
 
@@ -242,6 +245,29 @@ def _startup_error(config: Config, key: str, message: str) -> ConfigError:
     return ConfigError(source, [ConfigProblem(key, 0, message)])
 
 
+def _lock_state_dir(config: Config) -> IO[bytes]:
+    """One agent per state dir: two would both deploy, write ``registry.json`` and prune
+    the store (and with ``SO_REUSEPORT`` the port alone no longer stops a second one).
+
+    Raises:
+        ConfigError: when another process holds the lock (the CLI exits 2).
+    """
+    state = Path(config.state.dir)
+    state.mkdir(parents=True, exist_ok=True)
+    lock = (state / LOCK_FILE).open("a+b")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        raise _startup_error(
+            config,
+            "state.dir",
+            f"another edge-agent is running with the state dir {state} ({exc.strerror}); "
+            "stop it first, or give this one its own [state] dir",
+        ) from exc
+    return lock
+
+
 def _raise_open_files_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit: each client costs an fd (we use epoll)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -371,10 +397,15 @@ async def _start_replicas(
             fix="use a shorter [state] dir, or [server] processes = 1",
         )
         return None
-    await asyncio.to_thread(control.unlink, missing_ok=True)
-    site = web.UnixSite(runner, str(control))
-    await site.start()
-    await asyncio.to_thread(control.chmod, 0o600)
+    try:
+        await _listen_on_control(runner, control)
+    except OSError as exc:
+        log.error(  # noqa: TRY400 -- the OS error says it all
+            "replicas_not_started",
+            reason=f"cannot listen on the control socket {control}: {exc}",
+            fix="check the [state] dir's file system and permissions; serving alone meanwhile",
+        )
+        return None
     replicas = ReplicaSet(
         count,
         config=config,
@@ -397,6 +428,17 @@ async def _start_replicas(
     replicas.start()
     log.info("replicas_starting", count=count, port=port, control=str(control))
     return replicas
+
+
+async def _listen_on_control(runner: web.AppRunner, control: Path) -> None:
+    """The Unix socket replicas forward to: owner-only from its creation."""
+    await asyncio.to_thread(control.unlink, missing_ok=True)
+    site = web.UnixSite(runner, str(control))
+    umask = os.umask(0o077)
+    try:
+        await site.start()
+    finally:
+        os.umask(umask)
 
 
 def _stop_replicas(app: web.Application, config: Config) -> asyncio.Task[None]:
@@ -588,6 +630,10 @@ def run(config: Config, config_path: Path | None) -> int:
         settings=config_module.describe(config),
     )
     context = _preflight(config)
+    lock = _lock_state_dir(config)  # held until the process exits
     _raise_open_files_limit()
     notifier = Notifier.from_env(os.environ)
-    return asyncio.run(serve(config, config_path, notifier, ssl_context=context))
+    try:
+        return asyncio.run(serve(config, config_path, notifier, ssl_context=context))
+    finally:
+        lock.close()

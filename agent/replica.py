@@ -36,12 +36,13 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from agent import ipc, logs
 from agent.api import v2
 from agent.api.middleware import TRACKER, RequestTracker, edge_middleware
-from agent.api.services import SERVICES, Services
+from agent.api.services import REQUEST_ID, SERVICES, Services
 from agent.app import REGISTRY, _http_busy, _observer, read_tokens, reconfigure, registry_settings
 from agent.clock import SystemClock
 from agent.config import Config
@@ -52,6 +53,7 @@ from agent.metrics import Metrics
 from agent.models.follower import Follower
 from agent.models.store import Store
 from agent.replicas import EventTuple
+from agent.tensors import Array
 
 log = structlog.get_logger(__name__)
 
@@ -100,9 +102,7 @@ class Uplink:
 
     def prediction(self, event: PredictionEvent) -> None:
         """Queue one answered request for the primary's taps (never blocks)."""
-        size = sum(a.nbytes for a in event.inputs.values()) + sum(
-            a.nbytes for a in event.outputs.values()
-        )
+        size = _size(event.inputs) + _size(event.outputs)
         if len(self._events) >= MAX_PENDING_EVENTS or self._bytes + size > MAX_PENDING_BYTES:
             self._dropped.inc()
             return
@@ -125,7 +125,13 @@ class Uplink:
         next_metrics = loop.time()
         while True:
             await asyncio.sleep(SHIP_INTERVAL_S)
-            await self.flush(metrics=loop.time() >= next_metrics)
+            try:
+                await self.flush(metrics=loop.time() >= next_metrics)
+            except ipc.ChannelClosed:
+                return  # the primary is gone: _listen stops the replica
+            except Exception:  # a bug must not end shipping for good
+                log.exception("replica_ship_failed", dropped=len(self._events))
+                self._events, self._bytes = [], 0
             if loop.time() >= next_metrics:
                 next_metrics = loop.time() + METRICS_INTERVAL_S
 
@@ -154,24 +160,49 @@ class Uplink:
         return out
 
 
+def _size(arrays: dict[str, Array]) -> int:
+    """Bytes an event's tensors pickle to, about (BYTES elements by their length)."""
+    total = 0
+    for a in arrays.values():
+        if a.dtype == object:
+            total += sum(len(x) if isinstance(x, bytes | str) else 8 for x in a.flat)
+        else:
+            total += a.nbytes
+    return total
+
+
 async def _forward(request: web.Request) -> web.StreamResponse:
     """Any route a replica does not serve itself: ask the primary, answer what it says."""
     session = request.app[CONTROL]
+    # aiohttp has inflated a gzip/deflate body already: it goes on as plain bytes.
     body = await request.read() if request.body_exists else None
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers = CIMultiDict(
+        (k, v)
+        for k, v in request.headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"
+    )
+    headers["X-Request-ID"] = request[REQUEST_ID]  # one id in both processes' logs
     url = URL(f"http://primary{request.raw_path}", encoded=True)
     try:
         async with session.request(
             request.method, url, headers=headers, data=body, allow_redirects=False
         ) as reply:
             payload = await reply.read()
-            out = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP}
+            out = CIMultiDict(
+                (k, v) for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP
+            )
             return web.Response(status=reply.status, body=payload, headers=out)
     except (aiohttp.ClientError, TimeoutError) as exc:
+        if request.method in ("GET", "HEAD"):
+            raise Unavailable(
+                f"{request.path} is served by the agent's primary process, which does not "
+                f"answer ({exc.__class__.__name__}); retry in a moment",
+                retry_after_s=1,
+            ) from exc
+        # Not "retry": the primary may have done it (a rollback retried goes one further).
         raise Unavailable(
-            f"{request.path} is served by the agent's primary process, which does not answer "
-            f"({exc.__class__.__name__}); retry in a moment",
-            retry_after_s=1,
+            f"{request.path} is served by the agent's primary process, which did not answer "
+            f"in time ({exc.__class__.__name__}); check GET /v1/models before repeating it"
         ) from exc
 
 
@@ -195,7 +226,7 @@ def _replica_ctx(config: Config, control: str, writer: asyncio.StreamWriter) -> 
         metrics = Metrics()
         infer_pool = ThreadPoolExecutor(config.batching.workers, thread_name_prefix="infer")
         load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
-        store = await asyncio.to_thread(Store, Path(config.state.dir))
+        store = await asyncio.to_thread(lambda: Store(Path(config.state.dir), owner=False))
         registry = Follower(
             store,
             registry_settings(config),
@@ -220,7 +251,8 @@ def _replica_ctx(config: Config, control: str, writer: asyncio.StreamWriter) -> 
         app[CONTROL] = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=control),
             auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=config.server.drain_timeout_s + 30),
+            # Long enough for a forwarded rollback that loads a big model.
+            timeout=aiohttp.ClientTimeout(total=config.models.max_load_s + 30),
         )
         shipping = asyncio.get_running_loop().create_task(uplink.run(), name="uplink")
         try:
@@ -233,6 +265,8 @@ def _replica_ctx(config: Config, control: str, writer: asyncio.StreamWriter) -> 
                 await uplink.flush()  # the last predictions and counters reach the taps
             except ipc.ChannelClosed:
                 log.warning("replica_flush_lost", reason="the primary closed the channel")
+            except Exception:
+                log.exception("replica_flush_failed")
             await app[CONTROL].close()
             await registry.close()
             await asyncio.to_thread(infer_pool.shutdown, wait=True, cancel_futures=True)
@@ -269,7 +303,7 @@ async def serve_replica(fd: int) -> int:
         keepalive_timeout=config.server.keepalive_timeout_s,
         shutdown_timeout=min(1.0, config.server.drain_timeout_s),
     )
-    listen = asyncio.create_task(_listen(reader, app, stop), name="channel")
+    listen = asyncio.create_task(_Commands(app, stop).listen(reader), name="channel")
     limit_s = config.server.drain_timeout_s + _STOP_GRACE_S
     backstop = asyncio.create_task(_exit_if_stuck(stop, limit_s), name="backstop")
     try:
@@ -310,28 +344,59 @@ async def _exit_if_stuck(stop: asyncio.Event, limit_s: float) -> None:
     os._exit(1)
 
 
-async def _listen(reader: asyncio.StreamReader, app: web.Application, stop: asyncio.Event) -> None:
-    """Messages from the primary: sync, config, stop; the end of the channel means stop."""
-    try:
-        while True:
-            message = await ipc.receive(reader)
-            kind = message[0]
-            if kind == "stop":
-                break
-            registry = app.get(REGISTRY)
-            if kind == "sync" and isinstance(registry, Follower):
-                await registry.sync()
-            elif kind == "config" and SERVICES in app:
-                new: Config = message[1]
-                logs.configure(new.log.level, new.log.format)
+class _Commands:
+    """Messages from the primary: sync, config, stop; the end of the channel means stop.
+
+    A sync runs in its own task (a model load can take a while; a ``stop`` meanwhile is
+    read at once), and syncs asked for while one runs become one more afterwards.
+    """
+
+    def __init__(self, app: web.Application, stop: asyncio.Event) -> None:
+        self._app = app
+        self._stop = stop
+        self._syncing: asyncio.Task[None] | None = None
+        self._again = asyncio.Event()
+
+    async def listen(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await ipc.receive(reader)
+                if message[0] == "stop":
+                    break
                 try:
-                    reconfigure(app, new)
-                except OSError as exc:
-                    log.warning("config_reload_refused", problems=[str(exc)])
-    except ipc.ChannelClosed:
-        log.warning("replica_orphaned", action="stopping: the primary process is gone")
-    finally:
-        stop.set()
+                    self._handle(message)
+                except Exception:  # one bad message must not end the listening
+                    log.exception("replica_message_failed", kind=message[0])
+        except ipc.ChannelClosed:
+            log.warning("replica_orphaned", action="stopping: the primary process is gone")
+        finally:
+            self._stop.set()
+            if self._syncing is not None:
+                self._syncing.cancel()
+                await asyncio.gather(self._syncing, return_exceptions=True)
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        registry = self._app.get(REGISTRY)
+        if message[0] == "sync" and isinstance(registry, Follower):
+            if self._syncing is None or self._syncing.done():
+                loop = asyncio.get_running_loop()
+                self._syncing = loop.create_task(self._follow(registry))
+            else:
+                self._again.set()
+        elif message[0] == "config" and SERVICES in self._app:
+            new: Config = message[1]
+            logs.configure(new.log.level, new.log.format)
+            reconfigure(self._app, new)
+
+    async def _follow(self, registry: Follower) -> None:
+        while True:
+            self._again.clear()
+            try:
+                await registry.sync()
+            except Exception:
+                log.exception("replica_sync_failed")
+            if not self._again.is_set():
+                return
 
 
 def run(fd: int) -> int:

@@ -129,6 +129,11 @@ class ReplicaSet:
         """Ask every replica to drain and exit; kill the ones still there after the timeout."""
         self._stop.set()
         await self.broadcast(("stop",), ready_only=False)
+        for replica in self._replicas:  # also heard while a replica is busy loading
+            process = replica.process
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
         deadline = time.monotonic() + timeout_s
         for replica in self._replicas:
             process = replica.process
@@ -207,6 +212,8 @@ class ReplicaSet:
             await ipc.send(writer, hello)
             if self._stop.is_set():  # stopped while this one was being spawned
                 await ipc.send(writer, ("stop",))
+                with contextlib.suppress(ProcessLookupError):
+                    replica.process.terminate()
             await self._serve(replica, reader)
         except ipc.ChannelClosed:
             pass
@@ -229,8 +236,9 @@ class ReplicaSet:
             elif kind == "ready":
                 replica.ready = True
                 log.info("replica_ready", index=replica.index, pid=message[1])
-                # The registry may have changed while it loaded: make it look again.
+                # The config (SIGHUP) and the registry may have changed while it loaded.
                 assert replica.writer is not None
+                await ipc.send(replica.writer, ("config", self.config))
                 await ipc.send(replica.writer, ("sync",))
 
     def _take(self, events: list[EventTuple], failures: list[tuple[str, int, int]]) -> None:

@@ -30,6 +30,7 @@ This module must not know about HTTP or the registry.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -48,8 +49,9 @@ log = structlog.get_logger(__name__)
 
 Outputs = dict[str, Array]
 
-#: A request runs inline only while rows x the model's one-row time stays under this many
-#: times ``inline_max_us``: a big request to a fast model must not hold the loop.
+#: A request runs inline only while its size (elements, against the warm-up's input) x
+#: the model's warm-up time stays under this many times ``inline_max_us``: a big request
+#: to a fast model must not hold the loop.
 _INLINE_ROWS_FACTOR = 4
 #: Called after each run with (rows, requests, seconds in onnxruntime, each request's queue wait).
 RunObserver = Callable[[int, int, float, list[float]], None]
@@ -114,6 +116,11 @@ class Batcher:
         # Median of recent inline run times; None until measured. Above inline_max_us the
         # model goes through the queue and the executor (and is batched under load).
         self._inline_cost_s: float | None = runner.typical_run_s
+        # Elements of the warm-up's synthetic input (dynamic dimensions 1): the size the
+        # inline cost was measured at.
+        self._warm_elements = max(
+            1, sum(math.prod(max(d, 1) for d in spec.shape) for spec in runner.signature.inputs)
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -164,7 +171,7 @@ class Batcher:
             )
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
-        if self._runs_inline(rows):
+        if self._runs_inline(inputs):
             if self._busy is None or not self._busy():
                 return self._run_inline(inputs, outputs, rows)
             return await self._gather_inline(inputs, outputs, rows)
@@ -174,13 +181,16 @@ class Batcher:
         self._wakeup.set()
         return await future
 
-    def _runs_inline(self, rows: int) -> bool:
+    def _runs_inline(self, inputs: dict[str, Array]) -> bool:
         """Idle, and the model is so fast that a thread hand-off would cost more than it.
 
         The loader's warm-up measured the model (``typical_run_s``: the load thread's CPU
         time of its fastest warm one-row run). Run times measured later on the event loop
         are not used: under load they mix in the GIL waits and the bookkeeping of
-        everything else the loop does (a 13 µs MLP measured 200-300 µs there).
+        everything else the loop does (a 13 µs MLP measured 200-300 µs there). A request
+        larger than the warm-up's input (more rows, a longer sequence, a bigger image:
+        elements compared) is assumed to cost in proportion, and goes to the executor
+        beyond ``_INLINE_ROWS_FACTOR`` x ``inline_max_us``.
         """
         if self._pending or self._inflight or self._closed:
             return False
@@ -188,7 +198,10 @@ class Batcher:
         if cost is None:
             return False
         limit_s = self._settings.inline_max_us / 1e6
-        return cost < limit_s and rows * cost < _INLINE_ROWS_FACTOR * limit_s
+        if cost >= limit_s:
+            return False
+        size = sum(a.size for a in inputs.values()) / self._warm_elements
+        return size * cost < _INLINE_ROWS_FACTOR * limit_s
 
     def _run_inline(self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int) -> Outputs:
         start = self._clock.monotonic()
@@ -218,14 +231,17 @@ class Batcher:
         return await future
 
     def _run_gathered(self) -> None:
-        self._pending.extend(self._gathered)
+        # Only what was gathered: a request queued meanwhile (too big to run inline) stays
+        # in the queue for the executor.
+        queued, self._pending = self._pending, deque(self._gathered)
         self._gathered = []
-        while self._pending:
-            batch = self._take(self._pending[0].key)
-            if not batch:
-                continue
-            results = self._run_batch(batch)
-            self._deliver(batch, results)
+        try:
+            while self._pending:
+                batch = self._take(self._pending[0].key)
+                if batch:
+                    self._deliver(batch, self._run_batch(batch))
+        finally:
+            self._pending = queued
 
     async def _dispatch(self) -> None:
         while True:

@@ -33,7 +33,8 @@ class Follower(Registry):
         try:
             records = await asyncio.to_thread(self.store.load_state)
         except ModelLoadError as exc:
-            log.error("registry_state_unreadable", reason=exc.message)  # noqa: TRY400 -- the reason says it all
+            # Keep serving what we have; the primary's next save makes it readable again.
+            log.warning("registry_state_unreadable", reason=exc.message, keeping="current")
             return
         self.records = records
         for name, record in records.items():

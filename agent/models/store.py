@@ -152,12 +152,17 @@ def sha256_file(path: Path) -> str:
 class Store:
     """Content-addressed model bundles plus ``registry.json``."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, owner: bool = True) -> None:
+        """``owner``: this process writes the store (the primary). A replica's store
+        (``owner=False``) only reads: it never removes the primary's copies in progress
+        nor moves an unreadable ``registry.json`` aside."""
         self.root = state_dir / "store"
         self.state_path = state_dir / "registry.json"
+        self.owner = owner
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(_INCOMING + "*"):  # copies cut short by a crash
-            leftover.unlink(missing_ok=True)
+        if owner:
+            for leftover in self.root.glob(_INCOMING + "*"):  # copies cut short by a crash
+                leftover.unlink(missing_ok=True)
 
     def ingest(self, candidate: Candidate) -> Bundle:
         """Copy a candidate's model and manifest files into the store; verify sha256.
@@ -239,6 +244,8 @@ class Store:
             doc = json.loads(self.state_path.read_text(encoding="utf-8"))
             return {name: _record_from_json(body) for name, body in doc["models"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if not self.owner:
+                raise ModelLoadError("state", f"{self.state_path} is unreadable ({exc})") from exc
             stamp = f"{time.time():.0f}"
             aside = self.state_path.with_name(f"{self.state_path.name}.unreadable-{stamp}")
             os.replace(self.state_path, aside)

@@ -286,6 +286,24 @@ class TestInline:
             assert (await asyncio.wait_for(big, 5))["label"].shape == (9,)
         assert small["label"].shape == (7,)
 
+    async def test_a_big_request_queued_beside_a_gathered_one_stays_off_the_loop(
+        self, runner: OrtRunner
+    ) -> None:
+        """Under load, the turn's inline batch takes only what was gathered: a too-big
+        request queued in the same turn waits for the executor."""
+        runner.typical_run_s = 50e-6
+        async with make_batcher(runner, busy=True, inline_max_us=100.0, max_batch_size=32) as (
+            batcher,
+            executor,
+        ):
+            with blocked(executor, 1):
+                small = asyncio.ensure_future(batcher.infer({"float_input": X[:1]}, OUTPUTS))
+                big = asyncio.ensure_future(batcher.infer({"float_input": X[:9]}, OUTPUTS))
+                assert (await asyncio.wait_for(small, 5))["label"].shape == (1,)
+                await asyncio.sleep(0.01)
+                assert not big.done()  # not run on the loop with the small one
+            assert (await asyncio.wait_for(big, 5))["label"].shape == (9,)
+
     async def test_under_load_fast_requests_batch_on_the_loop(self, runner: OrtRunner) -> None:
         """While busy, requests reaching a fast model in one loop turn run as one batch."""
         runner.typical_run_s = 1e-5

@@ -12,6 +12,7 @@ channel (``agent.ipc``).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ from ops.daemonproc import (
     Reply,
     call,
     finish_request,
+    run_to_exit,
     running,
     scrape,
     wait_until,
@@ -257,6 +259,17 @@ class TestServing:
         assert any(e["status"] == 400 for e in by_replica)
         assert requests_logged(agent, replica=True, path="/v1/models")  # forwarded ones
 
+    def test_a_second_agent_on_the_same_state_dir_is_refused(
+        self, tmp_path: Path, v1: bytes
+    ) -> None:
+        """SO_REUSEPORT would let it share the port: the state dir's lock stops it first."""
+        with start(tmp_path, {"aff.onnx": v1}) as agent:
+            wait_replica_ready(agent)
+            second = run_to_exit(agent.config_path)
+            ok_infer(agent.url, "still-served")  # the first one keeps serving
+        assert second.returncode == 2, second.stderr
+        assert "another edge-agent is running with the state dir" in second.stderr
+
     def test_feedback_joins_predictions_a_replica_served(self, tmp_path: Path, v1: bytes) -> None:
         """Every id answered by either process is found by POST /v1/feedback."""
         ids = [f"fb-{i}" for i in range(40)]
@@ -269,16 +282,20 @@ class TestServing:
             # that reports it follows them on the same channel.
             wait_until(lambda: scrape(agent.url).get(SHIPPED, 0) >= len(by_replica))
             answers = []
-            for chunk in range(4):  # fresh connections: some go through the replica
-                doc = {"feedback": [{"id": rid, "value": 2.0} for rid in ids[chunk::4]]}
-                reply = call(agent.url + "/v1/feedback", "POST", orjson.dumps(doc))
+            for rid in ids:  # fresh connections: some are forwarded by the replica
+                doc = {"feedback": [{"id": rid, "value": 2.0}]}
+                gzipped = {"Content-Encoding": "gzip"}  # inflated once, by the receiver
+                reply = call(
+                    agent.url + "/v1/feedback", "POST", gzip.compress(orjson.dumps(doc)), gzipped
+                )
                 assert reply.status == 200, reply.body
                 answers.append(reply.json())
             samples = scrape(agent.url)
+            forwarded = requests_logged(agent, replica=True, path="/v1/feedback")
         assert set(by_replica) & set(ids)
-        assert [a["accepted"] for a in answers] == [10, 10, 10, 10]
-        assert [a["unknown"] for a in answers] == [0, 0, 0, 0]
-        assert all(a["unknown_ids"] == [] for a in answers)
+        assert forwarded  # 40 connections: the kernel gave the replica some
+        assert [a["accepted"] for a in answers] == [1] * 40
+        assert all(a["unknown"] == 0 and a["unknown_ids"] == [] for a in answers)
         assert samples['edge_agent_feedback_records{outcome="accepted"}'] == 40
 
 
