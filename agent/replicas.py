@@ -87,13 +87,6 @@ class ReplicaSet:
         """Replicas serving now."""
         return sum(r.ready for r in self._replicas)
 
-    def describe(self) -> list[dict[str, Any]]:
-        """Index, pid, readiness and restarts of each replica (for logs and status)."""
-        return [
-            {"index": r.index, "pid": r.pid, "ready": r.ready, "restarts": r.restarts}
-            for r in self._replicas
-        ]
-
     def snapshots(self) -> list[Snapshot]:
         """The replicas' counters, for ``Metrics.render``."""
         return [self._retired, *(r.snapshot for r in self._replicas)]

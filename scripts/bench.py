@@ -1492,9 +1492,10 @@ def inside_table(bench: Bench) -> list[str]:
         "## Inside the agent (batching on, from its /metrics histograms)",
         "",
         "*handler*: mean time from the handler's start to its result (decode, queue, run, "
-        "split); *queued*: mean wait for a batch; *run*: mean time of one batch on the "
-        "executor thread, against the same batch size in-process (1 thread). A *run* far "
-        "above in-process is thread and GIL hand-off overhead, not onnxruntime.",
+        "split); *queued*: mean wait for a batch; *run*: mean time of one onnxruntime run "
+        "(on an executor thread, or on the event loop for a model fast enough to run "
+        "inline), against the same batch size in-process (1 thread). A *run* far above "
+        "in-process is thread and GIL hand-off overhead, not onnxruntime.",
         "",
         "| model | format | c | client p50 ms | handler ms | queued ms | mean batch "
         "| run µs (agent) | run µs (in-process) |",
