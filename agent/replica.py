@@ -93,7 +93,8 @@ class Uplink:
         self._writer = writer
         self._metrics = metrics
         self._registry = registry
-        # Plain tuples: a slotted dataclass unpickles several times slower, on the primary.
+        # Plain tuples: a slotted dataclass unpickles through __setstate__, which took 7 % of
+        # the primary's event loop at 3k req/s in a profile.
         self._events: list[EventTuple] = []
         self._bytes = 0
         self._errors_sent: Tally[tuple[str, int]] = Tally()
@@ -128,7 +129,7 @@ class Uplink:
             try:
                 await self.flush(metrics=loop.time() >= next_metrics)
             except ipc.ChannelClosed:
-                return  # the primary is gone: _listen stops the replica
+                return  # the primary is gone: _Commands.listen stops the replica
             except Exception:  # a bug must not end shipping for good
                 log.exception("replica_ship_failed", dropped=len(self._events))
                 self._events, self._bytes = [], 0
