@@ -10,12 +10,13 @@ reverse. Background stages never call each other: only this module wires them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -176,36 +177,58 @@ def _registry_ctx(config: Config, clock: Clock, metrics: Metrics) -> Any:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state_dir = Path(config.state.dir)
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
-        infer_pool = ThreadPoolExecutor(config.batching.workers, thread_name_prefix="infer")
-        # Loads use their own single thread: a big model being validated never takes
-        # the inference threads, and two loads never compete for the cores.
-        load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         store = await asyncio.to_thread(Store, state_dir)
-        registry = Registry(
-            store,
-            registry_settings(config),
-            load_executor=load_pool,
-            infer_executor=infer_pool,
-            clock=clock,
-            on_event=_on_model_event(app, metrics),
-            observer=_observer(metrics),
-            busy=lambda: _http_busy(app),
-        )
-        app[REGISTRY] = registry
-        app[SERVICES] = Services(config=config, registry=registry, metrics=metrics, clock=clock)
-        app[SERVICES].extras["tokens"] = await asyncio.to_thread(read_tokens, config)
-        _export_registry_gauges(metrics, registry)
-        _export_upstream_gauges(metrics, app)
-        try:
+        on_event = _on_model_event(app, metrics)
+        serving = running_registry(app, Registry, store, config, clock, metrics, on_event)
+        async with serving as registry:
+            app[SERVICES] = Services(config=config, registry=registry, metrics=metrics, clock=clock)
+            app[SERVICES].extras["tokens"] = await asyncio.to_thread(read_tokens, config)
+            _export_registry_gauges(metrics, registry)
+            _export_upstream_gauges(metrics, app)
             await registry.restore()
             yield
-        finally:
-            await registry.close()
-            # Off the loop: a run still in onnxruntime must not block the other cleanups.
-            await asyncio.to_thread(infer_pool.shutdown, wait=True, cancel_futures=True)
-            load_pool.shutdown(wait=False, cancel_futures=True)
 
     return ctx
+
+
+R = TypeVar("R", bound=Registry)
+
+
+@contextlib.asynccontextmanager
+async def running_registry(
+    app: web.Application,
+    kind: type[R],
+    store: Store,
+    config: Config,
+    clock: Clock,
+    metrics: Metrics,
+    on_event: Callable[[ModelEvent], None],
+) -> AsyncIterator[R]:
+    """A registry (``Registry``, or a replica's ``Follower``) on its own thread pools, as
+    ``app[REGISTRY]``; closed, and its pools shut down, on exit."""
+    infer_pool = ThreadPoolExecutor(config.batching.workers, thread_name_prefix="infer")
+    # Loads use their own single thread: a big model being validated never takes the
+    # inference threads, and two loads never compete for the cores.
+    load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+    registry = kind(
+        store,
+        registry_settings(config),
+        load_executor=load_pool,
+        infer_executor=infer_pool,
+        clock=clock,
+        on_event=on_event,
+        observer=_observer(metrics),
+        busy=lambda: _http_busy(app),
+    )
+    as_registry: Registry = registry
+    app[REGISTRY] = as_registry
+    try:
+        yield registry
+    finally:
+        await registry.close()
+        # Off the loop: a run still in onnxruntime must not block the other cleanups.
+        await asyncio.to_thread(infer_pool.shutdown, wait=True, cancel_futures=True)
+        load_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _http_busy(app: web.Application) -> bool:

@@ -169,7 +169,7 @@ def _block_loop_hook(
 # -- preflight -------------------------------------------------------------------------------
 
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
+def tls_context(config: Config) -> ssl.SSLContext | None:
     """The TLS context for ``[server] cert_file``/``key_file``, or None for plain HTTP.
 
     Raises:
@@ -232,7 +232,7 @@ def _preflight(config: Config) -> ssl.SSLContext | None:
     problems = _token_file_problems(config)
     context = None
     try:
-        context = _ssl_context(config)
+        context = tls_context(config)
     except ConfigError as exc:
         problems = exc.problems + problems
     if problems:
@@ -368,7 +368,7 @@ async def serve(
         # included (aiohttp's own shutdown stops reading them, so it comes after); the
         # replicas drain theirs meanwhile and hand over their last predictions.
         notifier.status(f"stopping: draining {tracker.active} request(s)")
-        await _drain(tracker, config.server.drain_timeout_s)
+        await drain(tracker, config.server.drain_timeout_s)
         await replicas_stopped
     finally:
         # Step 5: close idle connections, cancel what the drain left (after a short
@@ -452,7 +452,7 @@ def _stop_replicas(app: web.Application, config: Config) -> asyncio.Task[None]:
     return asyncio.get_running_loop().create_task(stop(), name="stop-replicas")
 
 
-async def _drain(tracker: RequestTracker, timeout_s: float) -> None:
+async def drain(tracker: RequestTracker, timeout_s: float) -> None:
     """Wait until no request is being handled, or ``timeout_s`` has passed."""
     log.info("draining", inflight=tracker.active, timeout_s=timeout_s)
     if not await tracker.wait_idle(timeout_s):

@@ -29,7 +29,6 @@ import signal
 import sys
 from collections import Counter as Tally
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +42,10 @@ from agent import ipc, logs
 from agent.api import v2
 from agent.api.middleware import TRACKER, RequestTracker, edge_middleware
 from agent.api.services import REQUEST_ID, SERVICES, Services
-from agent.app import REGISTRY, _http_busy, _observer, read_tokens, reconfigure, registry_settings
+from agent.app import REGISTRY, read_tokens, reconfigure, running_registry
 from agent.clock import SystemClock
 from agent.config import Config
-from agent.daemon import SWITCH_INTERVAL_S, _drain, _ssl_context
+from agent.daemon import SWITCH_INTERVAL_S, drain, tls_context
 from agent.errors import Unavailable
 from agent.events import ModelEvent, PredictionEvent
 from agent.metrics import Metrics
@@ -225,58 +224,44 @@ def _replica_ctx(config: Config, control: str, writer: asyncio.StreamWriter) -> 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         clock = SystemClock()
         metrics = Metrics()
-        infer_pool = ThreadPoolExecutor(config.batching.workers, thread_name_prefix="infer")
-        load_pool = ThreadPoolExecutor(1, thread_name_prefix="load")
         store = await asyncio.to_thread(lambda: Store(Path(config.state.dir), owner=False))
-        registry = Follower(
-            store,
-            registry_settings(config),
-            load_executor=load_pool,
-            infer_executor=infer_pool,
-            clock=clock,
-            on_event=_on_model_event,
-            observer=_observer(metrics),
-            busy=lambda: _http_busy(app),
-        )
-        uplink = Uplink(writer, metrics, registry)
-        app[REGISTRY] = registry
-        app[SERVICES] = Services(
-            config=config,
-            registry=registry,
-            metrics=metrics,
-            clock=clock,
-            on_prediction=uplink.prediction,
-        )
-        app[SERVICES].extras["tokens"] = await asyncio.to_thread(read_tokens, config)
-        app[SERVICES].extras["uplink"] = uplink
-        app[CONTROL] = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=control),
-            auto_decompress=False,
-            # Long enough for a forwarded rollback that loads a big model.
-            timeout=aiohttp.ClientTimeout(total=config.models.max_load_s + 30),
-        )
-        shipping = asyncio.get_running_loop().create_task(uplink.run(), name="uplink")
-        try:
-            await registry.restore()
-            yield
-        finally:
-            shipping.cancel()
-            await asyncio.gather(shipping, return_exceptions=True)
+        following = running_registry(app, Follower, store, config, clock, metrics, _logged_only)
+        async with following as registry:
+            uplink = Uplink(writer, metrics, registry)
+            app[SERVICES] = Services(
+                config=config,
+                registry=registry,
+                metrics=metrics,
+                clock=clock,
+                on_prediction=uplink.prediction,
+            )
+            app[SERVICES].extras["tokens"] = await asyncio.to_thread(read_tokens, config)
+            app[SERVICES].extras["uplink"] = uplink
+            app[CONTROL] = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=control),
+                auto_decompress=False,
+                # Long enough for a forwarded rollback that loads a big model.
+                timeout=aiohttp.ClientTimeout(total=config.models.max_load_s + 30),
+            )
+            shipping = asyncio.get_running_loop().create_task(uplink.run(), name="uplink")
             try:
-                await uplink.flush()  # the last predictions and counters reach the taps
-            except ipc.ChannelClosed:
-                log.warning("replica_flush_lost", reason="the primary closed the channel")
-            except Exception:
-                log.exception("replica_flush_failed")
-            await app[CONTROL].close()
-            await registry.close()
-            await asyncio.to_thread(infer_pool.shutdown, wait=True, cancel_futures=True)
-            load_pool.shutdown(wait=False, cancel_futures=True)
+                await registry.restore()
+                yield
+            finally:
+                shipping.cancel()
+                await asyncio.gather(shipping, return_exceptions=True)
+                try:
+                    await uplink.flush()  # the last predictions and counters reach the taps
+                except ipc.ChannelClosed:
+                    log.warning("replica_flush_lost", reason="the primary closed the channel")
+                except Exception:
+                    log.exception("replica_flush_failed")
+                await app[CONTROL].close()
 
     return ctx
 
 
-def _on_model_event(event: ModelEvent) -> None:
+def _logged_only(event: ModelEvent) -> None:
     """The registry logged it; the primary emits the events (upstream, metrics)."""
 
 
@@ -313,7 +298,7 @@ async def serve_replica(fd: int) -> int:
             runner,
             config.server.host,
             hello["port"],
-            ssl_context=_ssl_context(config),
+            ssl_context=tls_context(config),
             backlog=1024,
             reuse_port=True,
         )
@@ -323,7 +308,7 @@ async def serve_replica(fd: int) -> int:
         await stop.wait()
         app[SERVICES].accepting = False
         await site.stop()
-        await _drain(app[TRACKER], config.server.drain_timeout_s)
+        await drain(app[TRACKER], config.server.drain_timeout_s)
     finally:
         listen.cancel()
         await asyncio.gather(listen, return_exceptions=True)

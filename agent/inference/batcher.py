@@ -115,7 +115,6 @@ class Batcher:
         self._closed = False
         # Median of recent inline run times; None until measured. Above inline_max_us the
         # model goes through the queue and the executor (and is batched under load).
-        self._inline_cost_s: float | None = runner.typical_run_s
         # Elements of the warm-up's synthetic input (dynamic dimensions 1): the size the
         # inline cost was measured at.
         self._warm_elements = max(
@@ -194,7 +193,7 @@ class Batcher:
         """
         if self._pending or self._inflight or self._closed:
             return False
-        cost = self._inline_cost_s
+        cost = self._runner.typical_run_s
         if cost is None:
             return False
         limit_s = self._settings.inline_max_us / 1e6
