@@ -68,13 +68,10 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     tails: list[bytes | memoryview] = []
 
     def write_output(name: str, array: Array) -> wire.ResponseOutput:
-        output: wire.ResponseOutput = {
-            "name": name,
-            "datatype": v2_datatype(array),
-            "shape": list(array.shape),
-        }
+        datatype = v2_datatype(array)
+        output: wire.ResponseOutput = {"name": name, "datatype": datatype, "shape": [*array.shape]}
         if name in response.binary:
-            output["parameters"] = {"binary_data_size": _append_raw(tails, array)}
+            output["parameters"] = {"binary_data_size": _append_raw(tails, array, datatype)}
         else:
             output["data"] = json_data(array, f'output "{name}"')
         return output
@@ -87,13 +84,10 @@ def encode_request(request: InferRequest, *, binary_inputs: bool) -> tuple[bytes
     tails: list[bytes | memoryview] = []
 
     def write_input(name: str, array: Array) -> wire.RequestInput:
-        tensor: wire.RequestInput = {
-            "name": name,
-            "shape": list(array.shape),
-            "datatype": v2_datatype(array),
-        }
+        datatype = v2_datatype(array)
+        tensor: wire.RequestInput = {"name": name, "shape": [*array.shape], "datatype": datatype}
         if binary_inputs:
-            tensor["parameters"] = {"binary_data_size": _append_raw(tails, array)}
+            tensor["parameters"] = {"binary_data_size": _append_raw(tails, array, datatype)}
         else:
             tensor["data"] = json_data(array, f'input "{name}"')
         return tensor
@@ -173,8 +167,8 @@ def _check_header_length(body: bytes, header_length: int) -> memoryview:
     return memoryview(body)
 
 
-def _append_raw(tails: list[bytes | memoryview], array: Array) -> int:
-    raw = frame_bytes(array) if v2_datatype(array) == "BYTES" else raw_bytes(array)
+def _append_raw(tails: list[bytes | memoryview], array: Array, datatype: str) -> int:
+    raw = frame_bytes(array) if datatype == "BYTES" else raw_bytes(array, datatype)
     tails.append(raw)
     return len(raw)  # raw_bytes views are flat uint8: len is the byte count
 

@@ -141,12 +141,14 @@ def _matches(token: str, tokens: tuple[str, ...]) -> bool:
     return found
 
 
-def check_auth(request: web.Request) -> None:
+def check_auth(request: web.Request, services: Services) -> None:
     """Raise ``Unauthorized`` (401) or ``Forbidden`` (403) unless the request may proceed."""
+    predict, admin = _tokens(services)
+    if not (predict or admin):
+        return  # auth is off
     path = request.path
     if _is_open(path):
         return
-    predict, admin = _tokens(request.app[SERVICES])
     admin_route = _is_admin(path)
     if not (admin if admin_route else predict):
         return  # this kind of auth is off
@@ -197,15 +199,15 @@ async def _read_body(request: web.Request, timeout_s: float) -> web.Response | N
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, auth, body deadline, error rendering and the access log line."""
     start = time.perf_counter()
-    request[REQUEST_ID] = (
-        request.headers.get("X-Request-ID") or request.app[SERVICES].new_request_id()
-    )
-    tracker = request.app.get(TRACKER)
+    app = request.app
+    services = app[SERVICES]
+    request[REQUEST_ID] = request.headers.get("X-Request-ID") or services.new_request_id()
+    tracker = app.get(TRACKER)
     if tracker is not None:
         tracker.enter()
     cancelled = False
     try:
-        response = await _handle(request, handler)
+        response = await _handle(request, handler, services)
     except asyncio.CancelledError:
         # Only a shutdown past [server] drain_timeout_s cancels handlers.
         cancelled = True
@@ -215,7 +217,6 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if tracker is not None:
             tracker.leave(cancelled=cancelled)
     response.headers.setdefault("X-Request-ID", request[REQUEST_ID])
-    services = request.app[SERVICES]
     if not services.accepting:
         response.force_close()  # stopping: this connection takes no further request
     if services.config.log.access_log:
@@ -229,11 +230,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _handle(request: web.Request, handler: Handler, services: Services) -> web.StreamResponse:
     """Run the handler; every failure becomes an ``{"error": ...}`` response."""
     try:
-        check_auth(request)
-        timeout_s = request.app[SERVICES].config.server.keepalive_timeout_s
+        check_auth(request, services)
+        timeout_s = services.config.server.keepalive_timeout_s
         too_slow = await _read_body(request, timeout_s)
         if too_slow is not None:
             return too_slow

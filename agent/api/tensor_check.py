@@ -170,9 +170,10 @@ def frame_bytes(array: Array) -> bytes:
     return b"".join(parts)
 
 
-def raw_bytes(array: Array) -> memoryview:
-    """The little-endian bytes of a numeric array, row-major, without a copy when possible."""
-    wire = V2_TO_WIRE_DTYPE[v2_datatype(array)]
+def raw_bytes(array: Array, datatype: str | None = None) -> memoryview:
+    """The little-endian bytes of a numeric array, row-major, without a copy when possible
+    (``datatype``: the array's V2 datatype, when the caller has it already)."""
+    wire = V2_TO_WIRE_DTYPE[datatype or v2_datatype(array)]
     contiguous = np.ascontiguousarray(array, dtype=wire)
     return contiguous.reshape(-1).view(np.uint8).data
 

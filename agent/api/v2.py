@@ -39,6 +39,44 @@ _HEADER = "Inference-Header-Content-Length"
 routes = web.RouteTableDef()
 
 
+# Registered first: aiohttp tries the resources under /v2/models in registration order, and
+# inference is nearly every request (the innermost decorator registers first).
+@routes.post("/v2/models/{name}/versions/{version}/infer")
+@routes.post("/v2/models/{name}/infer")
+async def infer(request: web.Request) -> web.Response:
+    """Run one inference request in whatever wire format it came in."""
+    services = request.app[SERVICES]
+    start = time.perf_counter()
+    name = request.match_info["name"]
+    version = _version_arg(request)
+    request[MODEL] = name
+    body = await _read_body(request)
+    decoded, reply_as = _decode(request, body, services.config.server.max_elements)
+    request_id = decoded.id or request[REQUEST_ID]
+    request[REQUEST_ID] = request_id
+    with services.registry.lease(name, version) as live:
+        request[VERSION] = live.version
+        outputs = await _run(services, live, decoded)
+        latency = time.perf_counter() - start
+        live.stats.record(latency)
+    ok, seconds = _ok_metrics(services, name, live.version)
+    ok.inc()
+    seconds.observe(latency)
+    response = InferResponse(
+        model_name=name,
+        model_version=str(live.version),
+        id=request_id,
+        outputs=outputs,
+        binary=binary_outputs(decoded, list(outputs)) if reply_as != "msgpack" else frozenset(),
+    )
+    services.on_prediction(
+        PredictionEvent(
+            request_id, name, live.version, services.clock.wall(), decoded.inputs, outputs, latency
+        )
+    )
+    return _encode(response, _reply_format(request, reply_as))
+
+
 @routes.get("/v2")
 async def server_metadata(request: web.Request) -> web.Response:
     """Server name, version and protocol extensions."""
@@ -116,42 +154,6 @@ async def model_ready(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     with services.registry.lease(name, _version_arg(request)):
         return json_response({"name": name, "ready": True})
-
-
-@routes.post("/v2/models/{name}/infer")
-@routes.post("/v2/models/{name}/versions/{version}/infer")
-async def infer(request: web.Request) -> web.Response:
-    """Run one inference request in whatever wire format it came in."""
-    services = request.app[SERVICES]
-    start = time.perf_counter()
-    name = request.match_info["name"]
-    version = _version_arg(request)
-    request[MODEL] = name
-    body = await _read_body(request)
-    decoded, reply_as = _decode(request, body, services.config.server.max_elements)
-    request_id = decoded.id or request[REQUEST_ID]
-    request[REQUEST_ID] = request_id
-    with services.registry.lease(name, version) as live:
-        request[VERSION] = live.version
-        outputs = await _run(services, live, decoded)
-        latency = time.perf_counter() - start
-        live.stats.record(latency)
-    ok, seconds = _ok_metrics(services, name, live.version)
-    ok.inc()
-    seconds.observe(latency)
-    response = InferResponse(
-        model_name=name,
-        model_version=str(live.version),
-        id=request_id,
-        outputs=outputs,
-        binary=binary_outputs(decoded, list(outputs)) if reply_as != "msgpack" else frozenset(),
-    )
-    services.on_prediction(
-        PredictionEvent(
-            request_id, name, live.version, services.clock.wall(), decoded.inputs, outputs, latency
-        )
-    )
-    return _encode(response, _reply_format(request, reply_as))
 
 
 async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> dict[str, Array]:

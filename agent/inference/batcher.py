@@ -238,7 +238,7 @@ class Batcher:
             while self._pending:
                 batch = self._take(self._pending[0].key)
                 if batch:
-                    self._deliver(batch, self._run_batch(batch))
+                    self._complete(batch, *self._run_batch(batch))
         finally:
             self._pending = queued
 
@@ -301,19 +301,16 @@ class Batcher:
         self._runs.add(run)
         run.add_done_callback(lambda fut: self._finished(fut, batch))
 
-    def _run_batch(self, batch: list[_Item]) -> list[Outputs | BaseException]:
-        """Executor side: run the batch; on failure, each request alone."""
+    def _run_batch(self, batch: list[_Item]) -> tuple[list[Outputs | BaseException], float]:
+        """Executor side: run the batch (on failure, each request alone); returns the
+        results and the seconds it took (observed on the loop, where metrics live)."""
         start = self._clock.monotonic()
         try:
             results: list[Outputs | BaseException] = list(self._run_merged(batch))
         except Exception as exc:  # noqa: BLE001 -- every failure is handed to its callers
             alone = len(batch) == 1
             results = [exc] if alone else [self._run_alone(item) for item in batch]
-        if self._observe is not None:
-            elapsed = self._clock.monotonic() - start
-            waits = [i.queued_s for i in batch]
-            self._observe(sum(i.rows for i in batch), len(batch), elapsed, waits)
-        return results
+        return results, self._clock.monotonic() - start
 
     def _run_alone(self, item: _Item) -> Outputs | BaseException:
         try:
@@ -345,7 +342,7 @@ class Batcher:
         return out
 
     def _finished(
-        self, run: asyncio.Future[list[Outputs | BaseException]], batch: list[_Item]
+        self, run: asyncio.Future[tuple[list[Outputs | BaseException], float]], batch: list[_Item]
     ) -> None:
         self._runs.discard(run)
         self._inflight -= 1
@@ -355,7 +352,17 @@ class Batcher:
         elif (exc := run.exception()) is not None:
             results = [exc] * len(batch)
         else:
-            results = run.result()
+            self._complete(batch, *run.result())
+            return
+        self._deliver(batch, results)
+
+    def _complete(
+        self, batch: list[_Item], results: list[Outputs | BaseException], elapsed: float
+    ) -> None:
+        """A batch ran: observe it (on the loop, where the metrics live), then answer."""
+        if self._observe is not None:
+            waits = [i.queued_s for i in batch]
+            self._observe(sum(i.rows for i in batch), len(batch), elapsed, waits)
         self._deliver(batch, results)
 
     def _deliver(self, batch: list[_Item], results: list[Outputs | BaseException]) -> None:

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -101,6 +100,30 @@ EventSink = Callable[[ModelEvent], None]
 ObserverFactory = Callable[[str, int], RunObserver | None]
 
 
+class Lease:
+    """A request's hold on a version: a retired version closes when its last lease ends.
+
+    A plain class rather than a generator context manager: it is on every request's path,
+    and this costs a third of the calls.
+    """
+
+    __slots__ = ("_live", "_registry")
+
+    def __init__(self, registry: Registry, live: LiveVersion) -> None:
+        self._registry = registry
+        self._live = live
+        live.leases += 1
+
+    def __enter__(self) -> LiveVersion:
+        return self._live
+
+    def __exit__(self, *exc_info: object) -> None:
+        live = self._live
+        live.leases -= 1
+        if live.retired and live.leases == 0:
+            self._registry._close(live)
+
+
 class Registry:
     """Active versions by model name; leases, deploys, swaps, rollbacks, probation."""
 
@@ -135,17 +158,9 @@ class Registry:
 
     # -- serving -------------------------------------------------------------------------
 
-    @contextmanager
-    def lease(self, name: str, version: int | None = None) -> Iterator[LiveVersion]:
-        """Hold a model version for the duration of one request."""
-        live = self._resolve(name, version)
-        live.leases += 1
-        try:
-            yield live
-        finally:
-            live.leases -= 1
-            if live.retired and live.leases == 0:
-                self._close(live)
+    def lease(self, name: str, version: int | None = None) -> Lease:
+        """Hold a model version for the duration of one request (``with`` it)."""
+        return Lease(self, self._resolve(name, version))
 
     def _resolve(self, name: str, version: int | None) -> LiveVersion:
         entry = self.models.get(name)
