@@ -44,7 +44,10 @@ CREATE TABLE IF NOT EXISTS predictions (
     inputs BLOB,
     size INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
+-- (ts, size) covers the trim's scans: reading size from the table would walk every
+-- row's overflow pages (the sampled inputs), the whole file, every trim.
+CREATE INDEX IF NOT EXISTS predictions_ts_size ON predictions (ts, size);
+DROP INDEX IF EXISTS predictions_ts;
 """
 
 
@@ -284,17 +287,29 @@ def _select(conn: sqlite3.Connection, ids: list[str], horizon: float) -> list[tu
 def _trim(conn: sqlite3.Connection, horizon: float, max_bytes: int) -> int:
     with write_transaction(conn):
         conn.execute("DELETE FROM predictions WHERE ts < ?", (horizon,))
-        total = int(conn.execute("SELECT COALESCE(SUM(size), 0) FROM predictions").fetchone()[0])
+        total = _total(conn)
         if total > max_bytes:
             # Delete the oldest rows until a tenth under the bound (room for the next writes).
-            target = total - int(max_bytes * 0.9)
-            conn.execute(
-                "DELETE FROM predictions WHERE ts <= (SELECT ts FROM (SELECT ts, SUM(size) "
-                "OVER (ORDER BY ts) AS acc FROM predictions) WHERE acc >= ? ORDER BY acc "
-                "LIMIT 1)",
-                (target,),
-            )
-            total = int(
-                conn.execute("SELECT COALESCE(SUM(size), 0) FROM predictions").fetchone()[0]
-            )
+            cutoff = _cutoff(conn, total - int(max_bytes * 0.9))
+            conn.execute("DELETE FROM predictions WHERE ts <= ?", (cutoff,))
+            total = _total(conn)
     return total
+
+
+def _total(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COALESCE(SUM(size), 0) FROM predictions").fetchone()[0])
+
+
+def _cutoff(conn: sqlite3.Connection, excess: int) -> float:
+    """The time of the newest row that must go for the oldest rows to free ``excess`` bytes
+    (walks the covering index from the oldest row, and stops there)."""
+    cursor = conn.execute("SELECT ts, size FROM predictions ORDER BY ts")
+    freed, last = 0, float("-inf")
+    try:
+        for ts, size in cursor:
+            freed, last = freed + size, ts
+            if freed >= excess:
+                break
+    finally:
+        cursor.close()
+    return float(last)

@@ -112,6 +112,36 @@ class TestByteBound:
         assert kept == list(range(1_000 - len(kept), 1_000))  # exactly the newest ones
         assert 0 < len(kept) < 1_000
 
+    async def test_an_older_log_is_migrated_to_the_covering_index(
+        self, make_log: MakeLog, clock: ManualClock, tmp_path: Path
+    ) -> None:
+        """A log written by an older agent (index on ts alone) keeps its rows and gets the
+        (ts, size) index, so the trim's byte counts never read the rows' blobs."""
+        db = tmp_path / "predictions.db"
+        with sqlite3.connect(db) as old:
+            old.executescript(
+                "CREATE TABLE predictions (id TEXT PRIMARY KEY, model TEXT NOT NULL, "
+                "version INTEGER NOT NULL, ts REAL NOT NULL, outputs BLOB NOT NULL, "
+                "inputs BLOB, size INTEGER NOT NULL);"
+                "CREATE INDEX predictions_ts ON predictions (ts);"
+            )
+            outputs = pack_arrays({"label": np.array([1], dtype=np.int64)})
+            old.execute(
+                "INSERT INTO predictions VALUES ('old', 'iris', 1, ?, ?, NULL, 70)",
+                (clock.wall(), outputs),
+            )
+        old.close()
+        plog = await make_log(max_bytes=1_000_000)
+        assert plog.bytes == 70
+        indexes = rows(db, "SELECT name FROM sqlite_master WHERE type = 'index'")
+        assert ("predictions_ts_size",) in indexes
+        assert ("predictions_ts",) not in indexes
+        plan = rows(db, "EXPLAIN QUERY PLAN SELECT COALESCE(SUM(size), 0) FROM predictions")
+        assert "COVERING INDEX predictions_ts_size" in plan[0][-1]
+        plan = rows(db, "EXPLAIN QUERY PLAN SELECT ts, size FROM predictions ORDER BY ts")
+        assert "COVERING INDEX predictions_ts_size" in plan[0][-1]
+        assert "old" in await plog.lookup(["old"])
+
 
 class TestInputs:
     @pytest.mark.parametrize(
