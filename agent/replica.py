@@ -10,7 +10,9 @@ socketpair; the replica then
 - loads the versions the primary's ``registry.json`` names as active (``Follower``) and
   switches when the primary says its state changed;
 - answers the V2 routes itself (infer, metadata, ready, health) through the same
-  middleware, codecs and batcher as the primary;
+  middleware, codecs and batcher as the primary, except for a model whose active version
+  it could not load (``Follower.lagging``): those go to the primary, which serves that
+  version, until a retried load succeeds here;
 - forwards every other route (admin, feedback, drift, ``/metrics``) to the primary over
   the primary's control socket, so any connection can reach any route;
 - ships each answered prediction to the primary, which feeds its side taps (prediction
@@ -27,8 +29,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections import Counter as Tally
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from yarl import URL
 from agent import ipc, logs
 from agent.api import v2
 from agent.api.middleware import TRACKER, RequestTracker, edge_middleware
-from agent.api.services import REQUEST_ID, SERVICES, Services
+from agent.api.services import MODEL, REQUEST_ID, SERVICES, Services
 from agent.app import REGISTRY, read_tokens, reconfigure, running_registry
 from agent.clock import SystemClock
 from agent.config import Config
@@ -49,7 +51,8 @@ from agent.daemon import SWITCH_INTERVAL_S, drain, tls_context
 from agent.errors import Unavailable
 from agent.events import ModelEvent, PredictionEvent
 from agent.metrics import Metrics
-from agent.models.follower import Follower
+from agent.models.follower import Follower, Lag
+from agent.models.registry import LiveVersion
 from agent.models.store import Store
 from agent.replicas import EventTuple
 from agent.tensors import Array
@@ -96,7 +99,9 @@ class Uplink:
         # the primary's event loop at 3k req/s in a profile.
         self._events: list[EventTuple] = []
         self._bytes = 0
-        self._errors_sent: Tally[tuple[str, int]] = Tally()
+        # Per live version (not per version number: a version activated again is a new
+        # LiveVersion whose count starts at 0), the failures already shipped.
+        self._errors_sent: weakref.WeakKeyDictionary[LiveVersion, int] = weakref.WeakKeyDictionary()
         self._shipped = metrics.replica_events.labels("shipped")
         self._dropped = metrics.replica_events.labels("dropped")
 
@@ -146,17 +151,21 @@ class Uplink:
             await ipc.send(self._writer, ("metrics", self._metrics.snapshot()))
 
     def _new_failures(self) -> list[tuple[str, int, int]]:
-        """Requests each active version failed since the last flush (probation counts them)."""
+        """Requests each active version failed since the last flush (probation counts them).
+
+        Counted from when the version went live in this process: a version rolled back to
+        and activated again starts from 0, like the primary's count for it.
+        """
         out: list[tuple[str, int, int]] = []
         for entry in self._registry.models.values():
             live = entry.active
             if live is None:
                 continue
-            key = (live.name, live.version)
-            new = live.stats.errors - self._errors_sent[key]
+            errors = live.stats.errors
+            new = errors - self._errors_sent.get(live, 0)
             if new > 0:
                 out.append((live.name, live.version, new))
-                self._errors_sent[key] = live.stats.errors
+                self._errors_sent[live] = errors
         return out
 
 
@@ -173,25 +182,8 @@ def _size(arrays: dict[str, Array]) -> int:
 
 async def _forward(request: web.Request) -> web.StreamResponse:
     """Any route a replica does not serve itself: ask the primary, answer what it says."""
-    session = request.app[CONTROL]
-    # aiohttp has inflated a gzip/deflate body already: it goes on as plain bytes.
-    body = await request.read() if request.body_exists else None
-    headers = CIMultiDict(
-        (k, v)
-        for k, v in request.headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"
-    )
-    headers["X-Request-ID"] = request[REQUEST_ID]  # one id in both processes' logs
-    url = URL(f"http://primary{request.raw_path}", encoded=True)
     try:
-        async with session.request(
-            request.method, url, headers=headers, data=body, allow_redirects=False
-        ) as reply:
-            payload = await reply.read()
-            out = CIMultiDict(
-                (k, v) for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP
-            )
-            return web.Response(status=reply.status, body=payload, headers=out)
+        return await _relay(request)
     except (aiohttp.ClientError, TimeoutError) as exc:
         if request.method in ("GET", "HEAD"):
             raise Unavailable(
@@ -206,6 +198,72 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         ) from exc
 
 
+async def _relay(request: web.Request) -> web.Response:
+    """The primary's answer to ``request`` (raises ``aiohttp.ClientError``, ``TimeoutError``)."""
+    session = request.app[CONTROL]
+    # aiohttp has inflated a gzip/deflate body already: it goes on as plain bytes.
+    body = await request.read() if request.body_exists else None
+    headers = CIMultiDict(
+        (k, v)
+        for k, v in request.headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"
+    )
+    headers["X-Request-ID"] = request[REQUEST_ID]  # one id in both processes' logs
+    url = URL(f"http://primary{request.raw_path}", encoded=True)
+    async with session.request(
+        request.method, url, headers=headers, data=body, allow_redirects=False
+    ) as reply:
+        payload = await reply.read()
+        out = CIMultiDict((k, v) for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP)
+        return web.Response(status=reply.status, body=payload, headers=out)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _unless_lagging(handler: Handler) -> Handler:
+    """A V2 model route, answered by the primary while this process cannot serve the
+    model's active version (never from another version)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        registry = request.app[REGISTRY]
+        name = request.match_info["name"]
+        lag = registry.lagging.get(name) if isinstance(registry, Follower) else None
+        if lag is None:
+            return await handler(request)
+        request[MODEL] = name
+        try:
+            return await _relay(request)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(_lag_message(lag, exc), retry_after_s=1) from exc
+
+    return handle
+
+
+def _lag_message(lag: Lag, exc: Exception) -> str:
+    return (
+        f'this process (a replica) could not load version {lag.version} of model "{lag.model}",'
+        f" the active one ({lag.reason}; next attempt within {lag.retry_in_s:g} s), and the "
+        f"primary process that serves it meanwhile does not answer "
+        f"({exc.__class__.__name__}: is the agent stopping?); retry in a moment. If this "
+        "lasts, check the replica_follow_failed lines in the agent's log and that "
+        f"store/{lag.sha256}/model.onnx in the state directory holds the bytes of that "
+        "sha256 (if it was damaged, delete it and drop the model file again)"
+    )
+
+
+def _v2_routes() -> list[web.RouteDef]:
+    """``v2.routes``, the per-model ones wrapped in ``_unless_lagging``."""
+    out = []
+    for route in v2.routes:
+        assert isinstance(route, web.RouteDef)
+        handler = route.handler
+        if "{name}" in route.path:
+            handler = _unless_lagging(handler)
+        out.append(web.RouteDef(route.method, route.path, handler, route.kwargs))
+    return out
+
+
 def build_replica_app(
     config: Config, control: str, writer: asyncio.StreamWriter
 ) -> web.Application:
@@ -213,7 +271,7 @@ def build_replica_app(
     app = web.Application(
         client_max_size=config.server.max_body_bytes, middlewares=[edge_middleware]
     )
-    app.add_routes(v2.routes)
+    app.add_routes(_v2_routes())
     app.router.add_route("*", "/{tail:.*}", _forward)
     app[TRACKER] = RequestTracker()
     app.cleanup_ctx.append(_replica_ctx(config, control, writer))
@@ -243,13 +301,18 @@ def _replica_ctx(config: Config, control: str, writer: asyncio.StreamWriter) -> 
                 # Long enough for a forwarded rollback that loads a big model.
                 timeout=aiohttp.ClientTimeout(total=config.models.max_load_s + 30),
             )
-            shipping = asyncio.get_running_loop().create_task(uplink.run(), name="uplink")
+            loop = asyncio.get_running_loop()
+            shipping = loop.create_task(uplink.run(), name="uplink")
+            follow: asyncio.Task[None] | None = None
             try:
                 await registry.restore()
+                follow = loop.create_task(registry.follow(), name="follow")
                 yield
             finally:
-                shipping.cancel()
-                await asyncio.gather(shipping, return_exceptions=True)
+                for task in (follow, shipping):
+                    if task is not None:
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
                 try:
                     await uplink.flush()  # the last predictions and counters reach the taps
                 except ipc.ChannelClosed:
@@ -333,15 +396,14 @@ async def _exit_if_stuck(stop: asyncio.Event, limit_s: float) -> None:
 class _Commands:
     """Messages from the primary: sync, config, stop; the end of the channel means stop.
 
-    A sync runs in its own task (a model load can take a while; a ``stop`` meanwhile is
-    read at once), and syncs asked for while one runs become one more afterwards.
+    A sync runs in the follower's own task (``Follower.follow``: a model load can take a
+    while; a ``stop`` meanwhile is read at once), and syncs asked for while one runs
+    become one more afterwards.
     """
 
     def __init__(self, app: web.Application, stop: asyncio.Event) -> None:
         self._app = app
         self._stop = stop
-        self._syncing: asyncio.Task[None] | None = None
-        self._again = asyncio.Event()
 
     async def listen(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -357,32 +419,15 @@ class _Commands:
             log.warning("replica_orphaned", action="stopping: the primary process is gone")
         finally:
             self._stop.set()
-            if self._syncing is not None:
-                self._syncing.cancel()
-                await asyncio.gather(self._syncing, return_exceptions=True)
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         registry = self._app.get(REGISTRY)
         if message[0] == "sync" and isinstance(registry, Follower):
-            if self._syncing is None or self._syncing.done():
-                loop = asyncio.get_running_loop()
-                self._syncing = loop.create_task(self._follow(registry))
-            else:
-                self._again.set()
+            registry.request_sync()
         elif message[0] == "config" and SERVICES in self._app:
             new: Config = message[1]
             logs.configure(new.log.level, new.log.format)
             reconfigure(self._app, new)
-
-    async def _follow(self, registry: Follower) -> None:
-        while True:
-            self._again.clear()
-            try:
-                await registry.sync()
-            except Exception:
-                log.exception("replica_sync_failed")
-            if not self._again.is_set():
-                return
 
 
 def run(fd: int) -> int:

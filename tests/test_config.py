@@ -179,9 +179,12 @@ class TestRanges:
         assert message == "server.port (line 2): got 70000; expected an integer 0..65535"
 
     def test_processes_zero_means_one_per_usable_core(self) -> None:
-        """processes = 0 resolves to the cores this process may run on; N stays N."""
+        """processes = 0 resolves to the cores this process may run on (its affinity mask,
+        capped by its cgroup CPU quota); N stays N."""
         auto = config.loads("[server]\nprocesses = 0\n").server
-        assert auto.serving_processes() == min(64, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
+        assert auto.serving_processes() == config.usable_cores(cores, config.cgroup_cpu_quota())
+        assert 1 <= auto.serving_processes() <= min(64, cores)
         assert config.loads("[server]\nprocesses = 3\n").server.serving_processes() == 3
         assert config.default().server.serving_processes() == 1
         message = only_problem("[server]\nprocesses = 65\n")
@@ -212,6 +215,98 @@ class TestRanges:
         """A URL without http(s):// is rejected with a suggested fix."""
         message = only_problem('[upstream]\nurl = "collector:9000"\n')
         assert message.endswith('did you mean "https://collector:9000"?')
+
+
+def cgroup_files(root: Path, files: dict[str, str], membership: str = "0::/\n") -> Path:
+    """Files under ``root`` laid out like /sys/fs/cgroup; returns the /proc/self/cgroup
+    stand-in (``membership``) written next to them."""
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    self_cgroup = root.parent / "self-cgroup"
+    self_cgroup.write_text(membership)
+    return self_cgroup
+
+
+class TestCpuQuota:
+    """``processes = 0`` on a CPU-limited cgroup: real cgroup files written under tmp_path."""
+
+    @pytest.mark.parametrize(
+        ("files", "quota"),
+        [
+            ({"cpu.max": "150000 100000\n"}, 1.5),
+            ({"cpu.max": "max 100000\n"}, None),
+            ({"cpu.max": "50000 100000\n"}, 0.5),
+            ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.5),
+            ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+            (
+                {
+                    "cpu,cpuacct/cpu.cfs_quota_us": "100000",
+                    "cpu,cpuacct/cpu.cfs_period_us": "50000",
+                },
+                2.0,
+            ),
+            ({"cpu/cpu.cfs_quota_us": "250000\n"}, None),  # no period: not a quota
+            ({"cpu.max": "garbage\n"}, None),
+            ({"cpu.max": ""}, None),
+            ({}, None),
+        ],
+        ids=[
+            "v2-1.5",
+            "v2-max",
+            "v2-half",
+            "v1-2.5",
+            "v1-unlimited",
+            "v1-cpu,cpuacct",
+            "v1-no-period",
+            "v2-garbage",
+            "v2-empty",
+            "none",
+        ],
+    )
+    def test_quota_from_the_mount_root(
+        self, tmp_path: Path, files: dict[str, str], quota: float | None
+    ) -> None:
+        """cgroup v2 ``cpu.max`` and v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` at the root."""
+        root = tmp_path / "cgroup"
+        membership = cgroup_files(root, files)
+        assert config.cgroup_cpu_quota(root, membership) == quota
+
+    def test_the_tightest_quota_on_the_path_to_this_process_wins(self, tmp_path: Path) -> None:
+        """A systemd unit's CPUQuota is on its own cgroup, below a looser slice's."""
+        root = tmp_path / "cgroup"
+        files = {
+            "system.slice/cpu.max": "300000 100000\n",
+            "system.slice/edge.service/cpu.max": "120000 100000\n",
+            "other.slice/cpu.max": "10000 100000\n",  # not ours
+        }
+        membership = cgroup_files(root, files, "0::/system.slice/edge.service\n")
+        assert config.cgroup_cpu_quota(root, membership) == 1.2
+        v1 = {
+            "cpu,cpuacct/docker/cpu.cfs_quota_us": "-1\n",
+            "cpu,cpuacct/docker/cpu.cfs_period_us": "100000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+        }
+        lines = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/\n"
+        membership = cgroup_files(tmp_path / "v1", v1, lines)
+        assert config.cgroup_cpu_quota(tmp_path / "v1", membership) == 1.5
+
+    def test_unreadable_or_missing_files_mean_no_quota(self, tmp_path: Path) -> None:
+        """A cpu.max that cannot be read (here a directory) and a missing membership file."""
+        root = tmp_path / "cgroup"
+        (root / "cpu.max").mkdir(parents=True)
+        assert config.cgroup_cpu_quota(root, tmp_path / "no-such-file") is None
+        assert config.cgroup_cpu_quota(tmp_path / "nothing", tmp_path / "no-such-file") is None
+
+    @pytest.mark.parametrize(
+        ("affinity", "quota", "cores"),
+        [(16, 1.5, 2), (16, None, 16), (2, 8.0, 2), (16, 0.5, 1), (128, None, 64), (4, 4.0, 4)],
+    )
+    def test_usable_cores(self, affinity: int, quota: float | None, cores: int) -> None:
+        """min(affinity, ceil(quota)), at least 1, at most 64."""
+        assert config.usable_cores(affinity, quota) == cores
 
 
 class TestUnknownNames:

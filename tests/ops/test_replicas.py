@@ -4,30 +4,38 @@ Every test runs the real daemon (``python -m agent run``) with a real affine mod
 (``y = x + version``, so each answer names the version that computed it). The kernel
 spreads *connections* over the processes bound with SO_REUSEPORT, so every request goes
 on a fresh connection; which process answered is read from the JSON log (a replica's
-lines carry ``"replica": 1``). The unit tests at the end cover the pieces the processes
-share: merged metrics (``Metrics.snapshot``/``render`` with ``peers``) and the framed
-channel (``agent.ipc``).
+lines carry ``"replica": 1``). The in-process tests run a real replica app (its
+``Follower`` and ``Uplink``) beside a real in-process primary on the same state dir, with
+the test holding the primary's end of the channel. The unit tests at the end cover the
+pieces the processes share: merged metrics (``Metrics.snapshot``/``render`` with ``peers``)
+and the framed channel (``agent.ipc``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import os
 import signal
 import socket
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, closing, contextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import modelgen
 import numpy as np
 import orjson
 import pytest
+from aiohttp import web
+from conftest import Agent, wait_for
+from models import kit
 from ops.daemonproc import (
     WAIT_S,
     Daemon,
@@ -42,9 +50,12 @@ from ops.daemonproc import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import ipc
+from agent.app import REGISTRY
 from agent.cli import deploy_files
 from agent.events import PredictionEvent
 from agent.metrics import Metrics, add_snapshots
+from agent.models.follower import Follower, retry_delay_s
+from agent.replica import build_replica_app
 
 INFER = "/v2/models/aff/infer"
 TWO_PROCESSES = {"server": {"processes": 2}}
@@ -206,6 +217,53 @@ def hold_requests(url: str, *, on_replica: int) -> dict[str, tuple[socket.socket
         raise
 
 
+def stored(root: Path, data: bytes) -> Path:
+    """The store's copy of ``data`` in the agent under ``root`` (content-addressed)."""
+    return root / "state" / "store" / hashlib.sha256(data).hexdigest() / "model.onnx"
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """SIGSTOP ``pid`` for the block (it reads nothing, loads nothing), SIGCONT after.
+
+    Send no HTTP request meanwhile: a connection the kernel gives the paused process waits.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def replica_answers(agent: Daemon, after: int, path: str) -> tuple[list[str], list[str]]:
+    """Request ids the replica logged for ``path`` since log index ``after``: those it
+    handed to the primary (which logged the same id) and those it answered itself."""
+    events = agent.events()[after:]
+    by_primary = {
+        e["request_id"] for e in events if e.get("event") == "request" and "replica" not in e
+    }
+    by_replica = [
+        e["request_id"]
+        for e in events
+        if e.get("event") == "request" and e.get("path") == path and "replica" in e
+    ]
+    handed = [rid for rid in by_replica if rid in by_primary]
+    return handed, [rid for rid in by_replica if rid not in by_primary]
+
+
+def all_answer_v2_routes(url: str, version: int) -> bool:
+    """Infer, model metadata and model ready answer 200 (infer from ``version``) on
+    ``IN_A_ROW`` fresh connections each."""
+    if not all_answer(url, 200, version=version):
+        return False
+    for path in ("/v2/models/aff", "/v2/models/aff/ready"):
+        for _ in range(IN_A_ROW):
+            reply = call(url + path)
+            if reply.status != 200 or reply.json()["name"] != "aff":
+                return False
+    return True
+
+
 def logged_ids(state: Path) -> set[str]:
     """Every id in the prediction log (read after the agent exited)."""
     with closing(sqlite3.connect(f"file:{state / 'predictions.db'}?mode=ro", uri=True)) as db:
@@ -324,6 +382,92 @@ class TestRegistryChanges:
         assert unloaded["model"] == "aff"
 
 
+class TestFollowFailures:
+    """A replica that cannot load the version the primary serves never answers from another
+    version: it hands that model's V2 routes to the primary and retries the load."""
+
+    def test_failed_load_of_a_new_version_is_forwarded_until_the_store_is_repaired(
+        self, tmp_path: Path, v1: bytes
+    ) -> None:
+        """v2's stored file is damaged after the primary loaded it and before the (paused)
+        replica does: every answer still comes from v2, the replica's through the primary;
+        once the file is repaired the replica's retry loads v2 and it answers itself."""
+        root, v2 = tmp_path / "agent", affine(2)
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        (staging / "model.onnx").write_bytes(v2)
+        with start(root, {"aff.onnx": v1}) as agent:
+            replica = wait_replica_ready(agent)["pid"]
+            with reaped(replica):
+                assert all_answer(agent.url, 200, version=1)
+                mark = len(agent.events())
+                with paused(replica):
+                    deploy_files(staging / "model.onnx", root / "models", "aff", None, None)
+                    swapped = agent.wait_for_event("model_swapped", after=mark, version=2)
+                    stored(root, v2).write_bytes(b"damaged after the primary loaded it")
+                failed = agent.wait_for_event("replica_follow_failed", after=mark, replica=1)
+                during = len(agent.events())
+                assert all_answer_v2_routes(agent.url, version=2)
+                handed = {p: replica_answers(agent, during, p) for p in _MODEL_ROUTES}
+                stored(root, v2).write_bytes(v2)  # repaired
+                recovered = agent.wait_for_event(
+                    "replica_follow_recovered", after=during, replica=1
+                )
+                after = len(agent.events())
+                assert all_answer_v2_routes(agent.url, version=2)
+                own = replica_answers(agent, after, INFER)
+        assert "replica" not in swapped  # the primary's swap (the replica was paused)
+        assert (failed["level"], failed["model"], failed["version"]) == ("warning", "aff", 2)
+        assert failed["retry_in_s"] == 1.0
+        assert failed["retired"] == 1
+        assert "session" in failed["reason"] or "load" in failed["reason"], failed["reason"]
+        for path, (forwarded, answered) in handed.items():
+            assert forwarded, f"the kernel gave the replica no {path} request"
+            assert answered == [], f"the replica answered {path} itself while it lagged"
+        assert (recovered["model"], recovered["version"]) == ("aff", 2)
+        assert recovered["attempts"] >= 1
+        forwarded, answered = own
+        assert forwarded == []
+        assert answered  # serving v2 itself again
+
+    def test_replica_restarted_on_a_damaged_store_forwards_until_a_new_version(
+        self, tmp_path: Path, v1: bytes
+    ) -> None:
+        """A replica restarted after v1's stored file was damaged cannot load v1: it starts
+        anyway and hands ``aff`` to the primary (still on v1 in memory); the deploy of a good
+        v2 makes it load and serve v2 itself at once."""
+        root = tmp_path / "agent"
+        with start(root, {"aff.onnx": v1}) as agent:
+            first = wait_replica_ready(agent)["pid"]
+            with reaped(first):
+                stored(root, v1).write_bytes(b"damaged while v1 serves")
+                mark = len(agent.events())
+                os.kill(first, signal.SIGKILL)
+                second = wait_replica_ready(agent, after=mark)["pid"]
+            with reaped(second):
+                failed = agent.wait_for_event("replica_follow_failed", after=mark, replica=1)
+                during = len(agent.events())
+                assert all_answer_v2_routes(agent.url, version=1)
+                forwarded, answered = replica_answers(agent, during, INFER)
+                deployed = len(agent.events())
+                kit.deploy(root / "models", affine(2))
+                recovered = agent.wait_for_event(
+                    "replica_follow_recovered", after=deployed, replica=1
+                )
+                after = len(agent.events())
+                assert all_answer_v2_routes(agent.url, version=2)
+                own = replica_answers(agent, after, INFER)
+        assert (failed["version"], failed["retired"]) == (1, None)
+        assert forwarded
+        assert answered == []
+        assert (recovered["version"], recovered["failed_version"]) == (2, 1)
+        assert own[0] == []
+        assert own[1]
+
+
+_MODEL_ROUTES = (INFER, "/v2/models/aff", "/v2/models/aff/ready")
+
+
 class TestProcessLife:
     def test_killed_replica_comes_back_and_sigterm_stops_both(
         self, tmp_path: Path, v1: bytes
@@ -401,6 +545,168 @@ class TestProcessLife:
                 wait_until(lambda: not alive(replica))
                 orphaned = agent.wait_for_event("replica_orphaned", replica=1)
         assert orphaned["level"] == "warning"
+
+
+# -- in-process: a replica app beside an in-process primary ---------------------------------
+
+
+class Shipped:
+    """The primary's end of a replica's channel: what the replica shipped so far."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.failures: Counter[tuple[str, int]] = Counter()
+        self.ids: set[str] = set()
+        self.task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                message = await ipc.receive(reader)
+            except ipc.ChannelClosed:
+                return
+            if message[0] == "events":
+                self.ids.update(fields[0] for fields in message[1])
+                for model, version, count in message[2]:
+                    self.failures[(model, version)] += count
+
+
+class Replica:
+    """A replica app served on 127.0.0.1:0: its URL, its ``Follower``, what it shipped."""
+
+    def __init__(self, url: str, registry: Follower, shipped: Shipped) -> None:
+        self.url = url
+        self.registry = registry
+        self.shipped = shipped
+
+    def serving(self) -> int | None:
+        """The version of ``aff`` this process serves (None: none)."""
+        entry = self.registry.models.get("aff")
+        return entry.active.version if entry is not None and entry.active is not None else None
+
+    async def follow(self, version: int) -> None:
+        """What a ``sync`` message does; wait until ``version`` serves here."""
+        self.registry.request_sync()
+        await wait_for(lambda: self.serving() == version)
+
+
+@asynccontextmanager
+async def replica_beside(primary: Agent) -> AsyncIterator[Replica]:
+    """A real replica app on ``primary``'s config and state dir. Its control socket does
+    not exist: nothing can be forwarded (as while the primary stops)."""
+    ours, theirs = socket.socketpair()
+    reader, our_writer = await asyncio.open_unix_connection(sock=ours, limit=ipc.MAX_FRAME)
+    _, writer = await asyncio.open_unix_connection(sock=theirs)
+    shipped = Shipped(reader)
+    control = str(primary.root / "no-primary.sock")
+    app = build_replica_app(primary.config, control, writer)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        registry = app[REGISTRY]
+        assert isinstance(registry, Follower)
+        yield Replica(f"http://127.0.0.1:{runner.addresses[0][1]}", registry, shipped)
+    finally:
+        await runner.cleanup()
+        writer.close()
+        our_writer.close()
+        await asyncio.wait_for(shipped.task, WAIT_S)
+        await asyncio.gather(writer.wait_closed(), our_writer.wait_closed())
+
+
+async def post(client: aiohttp.ClientSession, url: str, doc: dict[str, Any]) -> tuple[int, Any]:
+    """POST JSON; status and decoded body."""
+    async with client.post(url, json=doc) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def fail_then_ship(primary: Agent, replica: Replica, failures: int, rid: str) -> None:
+    """``failures`` requests the version fails (2 rows to a one-row model) on the replica,
+    then one it answers (id ``rid``); returns once ``rid`` reached the primary's end: the
+    failures were counted before it, so they were shipped with it or before."""
+    for _ in range(failures):
+        status, body = await post(primary.client, replica.url + INFER, kit.rows(2))
+        assert status == 500, body
+    status, body = await post(primary.client, replica.url + INFER, {**kit.rows(1), "id": rid})
+    assert status == 200, body
+    await wait_for(lambda: rid in replica.shipped.ids)
+
+
+class TestReplicaInProcess:
+    async def test_errors_shipped_count_from_when_the_version_went_live_again(
+        self, tmp_path: Path
+    ) -> None:
+        """v1 fails 3 requests on the replica, v2 goes live, v1 is rolled back to and fails 2:
+        the replica ships 3, then 2 (what the fresh v1 failed, as the primary's probation
+        counts it), not 0 because the old v1 once shipped 3."""
+        fragile = {"aff.onnx": kit.reshape_to_one_row(1)}
+        async with kit.running(tmp_path / "a", fragile) as primary, replica_beside(primary) as rep:
+            await rep.follow(version=1)
+            await fail_then_ship(primary, rep, failures=3, rid="mark-1")
+            first = dict(rep.shipped.failures)
+            kit.deploy(primary.models_dir, kit.reshape_to_one_row(2))
+            await kit.wait_active(primary, 2)
+            await rep.follow(version=2)
+            url = f"{primary.url}/v1/models/aff/rollback"
+            assert await post(primary.client, url, {"version": 1}) == (
+                200,
+                {"model": "aff", "active_version": 1},
+            )
+            await rep.follow(version=1)
+            await fail_then_ship(primary, rep, failures=2, rid="mark-2")
+            total = dict(rep.shipped.failures)
+        assert first == {("aff", 1): 3}
+        assert total == {("aff", 1): 3 + 2}
+
+    async def test_no_old_version_and_no_primary_to_ask_is_a_503_with_retry_after(
+        self, tmp_path: Path
+    ) -> None:
+        """v2's stored file is damaged after the primary loaded it: the replica retires v1 and
+        cannot forward (no control socket), so aff's V2 routes answer 503 with Retry-After
+        and a message naming version 2 and what to check; retries back off 1 s, 2 s; once
+        the file is repaired a retry loads v2."""
+        v2 = kit.affine(2)
+        async with (
+            kit.running(tmp_path / "a", {"aff.onnx": kit.affine(1)}) as primary,
+            replica_beside(primary) as rep,
+        ):
+            await rep.follow(version=1)
+            kit.deploy(primary.models_dir, v2)
+            await kit.wait_active(primary, 2)
+            damaged = stored(primary.root, v2)
+            damaged.write_bytes(b"damaged after the primary loaded it")
+            rep.registry.request_sync()
+            await wait_for(lambda: "aff" in rep.registry.lagging)
+            first = rep.registry.lagging["aff"]
+            replies = []
+            for method, path in [
+                ("POST", INFER),
+                ("POST", "/v2/models/aff/versions/1/infer"),
+                ("GET", "/v2/models/aff"),
+                ("GET", "/v2/models/aff/ready"),
+            ]:
+                async with primary.client.request(method, rep.url + path, json=kit.rows(1)) as r:
+                    replies.append((r.status, r.headers.get("Retry-After"), await r.json()))
+            await wait_for(lambda: rep.registry.lagging["aff"].attempts == 2, timeout=WAIT_S)
+            second = rep.registry.lagging["aff"]
+            damaged.write_bytes(v2)
+            await wait_for(lambda: "aff" not in rep.registry.lagging, timeout=WAIT_S)
+            status, body = await post(primary.client, rep.url + INFER, kit.rows(1))
+            serving = rep.serving()
+        assert (first.version, first.attempts, first.retry_in_s) == (2, 1, 1.0)
+        assert (second.version, second.attempts, second.retry_in_s) == (2, 2, 2.0)
+        sha = hashlib.sha256(v2).hexdigest()
+        for code, retry_after, doc in replies:
+            assert (code, retry_after) == (503, "1"), doc
+            assert 'could not load version 2 of model "aff"' in doc["error"]
+            assert f"store/{sha}/model.onnx" in doc["error"]
+        assert (status, body["model_version"]) == (200, "2")
+        assert serving == 2
+
+    def test_retries_back_off_from_1_s_doubling_to_30_s(self) -> None:
+        """The wait after the n-th failed load in a row."""
+        assert [retry_delay_s(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
 
 
 # -- unit: merged metrics ---------------------------------------------------------------------
