@@ -147,11 +147,11 @@ class _LoopMetric(Collector):
         created = f"{self._name}_created"
         if self._bounds is None:
             counter = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
-            for values, child in self._children.items():
+            for values, child in list(self._children.items()):
                 counter.add_metric(values, child.sum, created=child.created)
             return [counter]
         family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for values, child in self._children.items():
+        for values, child in list(self._children.items()):
             cumulative, buckets = 0, []
             for le, count in zip(self._les, child.counts, strict=True):
                 cumulative += count
