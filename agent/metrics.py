@@ -80,7 +80,9 @@ class _LoopCounterChild(_LoopChild):
         super().__init__(0)
 
     def inc(self, amount: float = 1.0) -> None:
-        """Add ``amount`` (>= 0)."""
+        """Add ``amount``; counters only go up (ValueError below 0, as prometheus_client)."""
+        if amount < 0:
+            raise ValueError(f"counters only go up; got an increment of {amount}")
         self.sum += amount
 
 

@@ -91,6 +91,14 @@ def test_wrong_label_count_is_refused_with_the_label_names() -> None:
         loop.labels("a")
 
 
+def test_a_counter_never_goes_down() -> None:
+    loop = LoopCounter("c", "doc", (), CollectorRegistry())
+    loop.labels().inc(2)
+    with pytest.raises(ValueError, match="only go up"):
+        loop.labels().inc(-1)
+    assert loop.labels().sum == 2
+
+
 def test_replica_snapshots_carry_the_loop_families() -> None:
     metrics = Metrics()
     metrics.requests.labels("m", "1", "200").inc()
