@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import config
+from agent import cores as cpu_cores
 from agent.errors import ConfigError, ConfigProblem
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -182,9 +183,11 @@ class TestRanges:
         """processes = 0 resolves to the cores this process may run on (its affinity mask,
         capped by its cgroup CPU quota); N stays N."""
         auto = config.loads("[server]\nprocesses = 0\n").server
-        cores = len(os.sched_getaffinity(0))
-        assert auto.serving_processes() == config.usable_cores(cores, config.cgroup_cpu_quota())
-        assert 1 <= auto.serving_processes() <= min(64, cores)
+        affinity = len(os.sched_getaffinity(0))
+        assert auto.serving_processes() == cpu_cores.usable_cores(
+            affinity, cpu_cores.cgroup_cpu_quota()
+        )
+        assert 1 <= auto.serving_processes() <= min(64, affinity)
         assert config.loads("[server]\nprocesses = 3\n").server.serving_processes() == 3
         assert config.default().server.serving_processes() == 1
         message = only_problem("[server]\nprocesses = 65\n")
@@ -271,7 +274,7 @@ class TestCpuQuota:
         """cgroup v2 ``cpu.max`` and v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` at the root."""
         root = tmp_path / "cgroup"
         membership = cgroup_files(root, files)
-        assert config.cgroup_cpu_quota(root, membership) == quota
+        assert cpu_cores.cgroup_cpu_quota(root, membership) == quota
 
     def test_the_tightest_quota_on_the_path_to_this_process_wins(self, tmp_path: Path) -> None:
         """A systemd unit's CPUQuota is on its own cgroup, below a looser slice's."""
@@ -282,7 +285,7 @@ class TestCpuQuota:
             "other.slice/cpu.max": "10000 100000\n",  # not ours
         }
         membership = cgroup_files(root, files, "0::/system.slice/edge.service\n")
-        assert config.cgroup_cpu_quota(root, membership) == 1.2
+        assert cpu_cores.cgroup_cpu_quota(root, membership) == 1.2
         v1 = {
             "cpu,cpuacct/docker/cpu.cfs_quota_us": "-1\n",
             "cpu,cpuacct/docker/cpu.cfs_period_us": "100000\n",
@@ -291,14 +294,14 @@ class TestCpuQuota:
         }
         lines = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/\n"
         membership = cgroup_files(tmp_path / "v1", v1, lines)
-        assert config.cgroup_cpu_quota(tmp_path / "v1", membership) == 1.5
+        assert cpu_cores.cgroup_cpu_quota(tmp_path / "v1", membership) == 1.5
 
     def test_unreadable_or_missing_files_mean_no_quota(self, tmp_path: Path) -> None:
         """A cpu.max that cannot be read (here a directory) and a missing membership file."""
         root = tmp_path / "cgroup"
         (root / "cpu.max").mkdir(parents=True)
-        assert config.cgroup_cpu_quota(root, tmp_path / "no-such-file") is None
-        assert config.cgroup_cpu_quota(tmp_path / "nothing", tmp_path / "no-such-file") is None
+        assert cpu_cores.cgroup_cpu_quota(root, tmp_path / "no-such-file") is None
+        assert cpu_cores.cgroup_cpu_quota(tmp_path / "nothing", tmp_path / "no-such-file") is None
 
     @pytest.mark.parametrize(
         ("affinity", "quota", "cores"),
@@ -306,7 +309,7 @@ class TestCpuQuota:
     )
     def test_usable_cores(self, affinity: int, quota: float | None, cores: int) -> None:
         """min(affinity, ceil(quota)), at least 1, at most 64."""
-        assert config.usable_cores(affinity, quota) == cores
+        assert cpu_cores.usable_cores(affinity, quota) == cores
 
 
 class TestUnknownNames:

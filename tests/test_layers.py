@@ -17,6 +17,7 @@ AGENT = Path(__file__).resolve().parent.parent / "agent"
 LEAVES = {
     "errors",
     "config",
+    "cores",
     "clock",
     "events",
     "tensors",
