@@ -348,13 +348,11 @@ class Batcher:
         self._inflight -= 1
         self._wakeup.set()
         if run.cancelled():
-            results: list[Outputs | BaseException] = [Unavailable("run cancelled")] * len(batch)
+            self._deliver(batch, [Unavailable("run cancelled")] * len(batch))
         elif (exc := run.exception()) is not None:
-            results = [exc] * len(batch)
+            self._deliver(batch, [exc] * len(batch))
         else:
             self._complete(batch, *run.result())
-            return
-        self._deliver(batch, results)
 
     def _complete(
         self, batch: list[_Item], results: list[Outputs | BaseException], elapsed: float
