@@ -125,6 +125,7 @@ class Server:
     drain_timeout_s: float = _setting(20.0, gt=0)
     keepalive_timeout_s: float = _setting(75.0, gt=0)
     processes: int = _setting(1, ge=0, le=MAX_PROCESSES)  # 0: one per usable core
+    fast_path: bool = True  # agent/api/fastpath.py: inference requests skip aiohttp's web layer
 
     def serving_processes(self) -> int:
         """``processes``, with 0 resolved to the cores this process may run on: its CPU

@@ -52,6 +52,7 @@ from aiohttp import web
 
 from agent import config as config_module
 from agent import logs
+from agent.api.fastpath import close_connections, tcp_site
 from agent.api.middleware import TRACKER, RequestTracker
 from agent.api.services import SERVICES
 from agent.app import LIVE_PREFIXES, REGISTRY, build_app, reconfigure
@@ -347,6 +348,7 @@ async def serve(
     signals.install(asyncio.get_running_loop(), hook)
     if hook is not None:
         log.warning("debug_hook_enabled", variable=DEBUG_BLOCK_ENV, seconds=block_s)
+    stopped: list[web.BaseSite] = []
     try:
         # Step 1: load the initial models (the cleanup contexts' startup halves).
         await runner.setup()
@@ -364,6 +366,7 @@ async def serve(
         replicas_stopped = _stop_replicas(app, config)
         for site in list(runner.sites):
             await site.stop()
+            stopped.append(site)
         # Step 4: drain: wait for the requests already admitted, bodies still arriving
         # included (aiohttp's own shutdown stops reading them, so it comes after); the
         # replicas drain theirs meanwhile and hand over their last predictions.
@@ -374,6 +377,7 @@ async def serve(
         # Step 5: close idle connections, cancel what the drain left (after a short
         # grace), and run every component's cleanup in reverse order (watcher,
         # registry, taps, shipper flush, outbox close).
+        close_connections([*stopped, *runner.sites])
         await runner.cleanup()
         signals.uninstall()
     log.info("stopped", cancelled=tracker.cancelled, exit_code=0)
@@ -471,10 +475,11 @@ def _export_tracker(app: web.Application, tracker: RequestTracker) -> None:
 async def _bind(runner: web.AppRunner, config: Config, context: ssl.SSLContext | None) -> bool:
     """Listen on ``[server] host``/``port``; False (logged) when the address is taken."""
     host, port = config.server.host, config.server.port
-    site = web.TCPSite(
+    site = tcp_site(
         runner,
         host,
         port,
+        fast=config.server.fast_path,
         ssl_context=context,
         backlog=1024,
         reuse_port=config.server.serving_processes() > 1,  # the replicas bind the same port

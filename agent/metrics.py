@@ -215,6 +215,14 @@ class Metrics:
         self.batch_requests = LoopHistogram(
             "edge_agent_batch_requests", "Requests merged per executed batch.", MV, r, _ROWS
         )
+        self.handovers = LoopCounter(
+            "edge_agent_http_handovers",
+            "Connections the fast path handed to aiohttp, by the first request it did not "
+            "serve: request (another route or method, chunked or compressed body, a header "
+            "it does not read), too_large, head_too_long, stopping, lagging (a replica).",
+            ("reason",),
+            r,
+        )
         self.inflight = Gauge(
             "edge_agent_inflight_requests", "Inference requests being served now.", registry=r
         )

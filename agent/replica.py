@@ -42,6 +42,7 @@ from yarl import URL
 
 from agent import ipc, logs
 from agent.api import v2
+from agent.api.fastpath import close_connections, tcp_site
 from agent.api.middleware import TRACKER, RequestTracker, edge_middleware
 from agent.api.services import MODEL, REQUEST_ID, SERVICES, Services
 from agent.app import REGISTRY, read_tokens, reconfigure, running_registry
@@ -240,6 +241,13 @@ def _unless_lagging(handler: Handler) -> Handler:
     return handle
 
 
+def _serves(app: web.Application, name: str) -> bool:
+    """The fast path may answer this model here (a lagging one goes through aiohttp's
+    routes, which forward it to the primary)."""
+    registry = app.get(REGISTRY)
+    return not (isinstance(registry, Follower) and name in registry.lagging)
+
+
 def _lag_message(lag: Lag, exc: Exception) -> str:
     return (
         f'this process (a replica) could not load version {lag.version} of model "{lag.model}",'
@@ -355,15 +363,18 @@ async def serve_replica(fd: int) -> int:
     listen = asyncio.create_task(_Commands(app, stop).listen(reader), name="channel")
     limit_s = config.server.drain_timeout_s + _STOP_GRACE_S
     backstop = asyncio.create_task(_exit_if_stuck(stop, limit_s), name="backstop")
+    site: web.BaseSite | None = None
     try:
         await runner.setup()  # loads the active versions before taking connections
-        site = web.TCPSite(
+        site = tcp_site(
             runner,
             config.server.host,
             hello["port"],
+            fast=config.server.fast_path,
             ssl_context=tls_context(config),
             backlog=1024,
             reuse_port=True,
+            handles=lambda name: _serves(app, name),
         )
         await site.start()
         await ipc.send(writer, ("ready", os.getpid()))
@@ -375,6 +386,7 @@ async def serve_replica(fd: int) -> int:
     finally:
         listen.cancel()
         await asyncio.gather(listen, return_exceptions=True)
+        close_connections([site] if site is not None else [])
         await runner.cleanup()
         writer.close()
         backstop.cancel()

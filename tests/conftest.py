@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from agent import config as config_module
+from agent.api.fastpath import close_connections, tcp_site
 from agent.app import REGISTRY, build_app
 from agent.config import Config
 from agent.models.registry import Registry
@@ -97,6 +98,7 @@ class Agent:
     config: Config
     client: aiohttp.ClientSession
     root: Path
+    site: web.BaseSite | None = None
 
     @property
     def registry(self) -> Registry:
@@ -124,6 +126,7 @@ MakeAgent = Callable[..., Awaitable[Agent]]
 async def make_agent(tmp_path: Path) -> AsyncIterator[MakeAgent]:
     """Start agents on 127.0.0.1:0; every one is stopped when the test ends."""
     runners: list[web.AppRunner] = []
+    sites: list[web.BaseSite] = []
     clients: list[aiohttp.ClientSession] = []
     counter = 0
 
@@ -151,16 +154,18 @@ async def make_agent(tmp_path: Path) -> AsyncIterator[MakeAgent]:
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2)
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = tcp_site(runner, "127.0.0.1", 0, fast=config.server.fast_path)
         await site.start()
+        sites.append(site)
         port = runner.addresses[0][1]
         client = aiohttp.ClientSession()
         clients.append(client)
-        return Agent(f"http://127.0.0.1:{port}", app, config, client, base)
+        return Agent(f"http://127.0.0.1:{port}", app, config, client, base, site)
 
     yield start
     for client in clients:
         await client.close()
+    close_connections(sites)
     for runner in reversed(runners):
         with contextlib.suppress(Exception):
             await runner.cleanup()

@@ -297,9 +297,19 @@ def _name(value: object, slot: str) -> str:
 
 
 def _request_id(value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise BadRequest(f'"id" must be a string, got {show(value)}; send the request id as a string')
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(
+            f'"id" must be a string, got {show(value)}; send the request id as a string'
+        )
+    if not value.isprintable():
+        # It is echoed in the X-Request-ID header, where a line break would end the header.
+        raise BadRequest(
+            f'"id" must be printable text, got {show(value)}; remove control characters '
+            "(line breaks, tabs) from the request id"
+        )
+    return value
 
 
 def _text(value: object, key: str) -> str:

@@ -93,9 +93,22 @@ def error_response(
     """The one error shape: ``{"error": message}``."""
     return web.Response(
         status=int(status),
-        body=orjson.dumps({"error": message}),
+        body=error_body(message),
         content_type="application/json",
         headers=headers,
+    )
+
+
+def error_body(message: str) -> bytes:
+    """The body of every error answer, whichever HTTP path renders it."""
+    return orjson.dumps({"error": message})
+
+
+def internal_error(request_id: str) -> str:
+    """The message of a 500: the bug is in the log under this request id."""
+    return (
+        f"internal error (request id {request_id}); this is a bug, please report "
+        "it with the agent's log line for this request id"
     )
 
 
@@ -119,8 +132,8 @@ def _is_open(path: str) -> bool:
     return path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES)
 
 
-def _bearer(request: web.Request) -> str:
-    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+def _bearer(authorization: str) -> str:
+    scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("this route needs the header 'Authorization: Bearer <token>'")
@@ -144,15 +157,19 @@ def _matches(token: str, tokens: tuple[str, ...]) -> bool:
 def check_auth(request: web.Request, services: Services) -> None:
     """Raise ``Unauthorized`` (401) or ``Forbidden`` (403) unless the request may proceed."""
     predict, admin = _tokens(services)
-    if not (predict or admin):
-        return  # auth is off
-    path = request.path
-    if _is_open(path):
+    if predict or admin:  # else auth is off
+        authorize(services, request.path, request.headers.get("Authorization", ""))
+
+
+def authorize(services: Services, path: str, authorization: str) -> None:
+    """``check_auth`` for a path and its ``Authorization`` header (the fast path's way in)."""
+    predict, admin = _tokens(services)
+    if not (predict or admin) or _is_open(path):
         return
     admin_route = _is_admin(path)
     if not (admin if admin_route else predict):
         return  # this kind of auth is off
-    token = _bearer(request)
+    token = _bearer(authorization)
     if _matches(token, admin if admin_route else predict + admin):
         return
     if admin_route and _matches(token, predict):
@@ -176,11 +193,7 @@ async def _read_body(request: web.Request, timeout_s: float) -> web.Response | N
         async with asyncio.timeout(timeout_s):
             await request.read()
     except TimeoutError:
-        response = error_response(
-            HTTPStatus.REQUEST_TIMEOUT,
-            f"the request body did not arrive within {timeout_s:g} s "
-            "([server] keepalive_timeout_s); send the whole body at once",
-        )
+        response = error_response(HTTPStatus.REQUEST_TIMEOUT, slow_body_message(timeout_s))
         response.force_close()  # the rest of the body may still be on its way
         return response
     except web.HTTPException:
@@ -190,6 +203,14 @@ async def _read_body(request: web.Request, timeout_s: float) -> web.Response | N
             f"cannot read the request body ({exc}); check Content-Encoding and Content-Length"
         ) from exc
     return None
+
+
+def slow_body_message(timeout_s: float) -> str:
+    """The 408's message: the body did not come in time."""
+    return (
+        f"the request body did not arrive within {timeout_s:g} s "
+        "([server] keepalive_timeout_s); send the whole body at once"
+    )
 
 
 # -- the middleware --------------------------------------------------------------------------
@@ -245,11 +266,7 @@ async def _handle(request: web.Request, handler: Handler, services: Services) ->
         return _from_http_exception(exc)
     except Exception:
         log.exception("request_failed", **_fields(request))
-        return error_response(
-            HTTPStatus.INTERNAL_SERVER_ERROR,
-            f"internal error (request id {request[REQUEST_ID]}); this is a bug, please report "
-            "it with the agent's log line for this request id",
-        )
+        return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, internal_error(request[REQUEST_ID]))
 
 
 def _fields(request: web.Request) -> dict[str, object]:

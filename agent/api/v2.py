@@ -9,6 +9,7 @@ a fresh one) is in every answer: it is the key for feedback.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -34,9 +35,38 @@ _JSON_TYPES = frozenset(
     }
 )
 _ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "x-gzip"})
-_HEADER = "Inference-Header-Content-Length"
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 routes = web.RouteTableDef()
+
+
+@dataclass(slots=True)
+class InferCall:
+    """One inference request as either HTTP path hands it over (aiohttp's handler below,
+    or ``fastpath``): the route's arguments, the headers that matter, and the body.
+
+    ``answer`` fills in ``request_id`` (the body's ``id`` wins over the header's) and
+    ``served`` (the version that answered) as soon as it knows them, for the access log
+    and the ``X-Request-ID`` header, error answers included.
+    """
+
+    name: str
+    version: int | None
+    body: bytes
+    content_type: str  # the media type, lower case, without parameters
+    header_length: str | None  # Inference-Header-Content-Length
+    accept: str
+    request_id: str
+    served: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful inference answer, encoded."""
+
+    body: bytes
+    content_type: str
+    header_length: int | None  # the binary extension's JSON header length
 
 
 # Registered first: aiohttp tries the resources under /v2/models in registration order, and
@@ -46,35 +76,64 @@ routes = web.RouteTableDef()
 async def infer(request: web.Request) -> web.Response:
     """Run one inference request in whatever wire format it came in."""
     services = request.app[SERVICES]
-    start = time.perf_counter()
     name = request.match_info["name"]
-    version = _version_arg(request)
     request[MODEL] = name
-    body = await _read_body(request)
-    decoded, reply_as = _decode(request, body, services.config.server.max_elements)
-    request_id = decoded.id or request[REQUEST_ID]
-    request[REQUEST_ID] = request_id
-    with services.registry.lease(name, version) as live:
-        request[VERSION] = live.version
+    call = InferCall(
+        name=name,
+        version=version_arg(request.match_info.get("version")),
+        body=await _read_body(request),
+        content_type=request.content_type,
+        header_length=request.headers.get(HEADER_LENGTH),
+        accept=request.headers.get("Accept", ""),
+        request_id=request[REQUEST_ID],
+    )
+    try:
+        reply = await answer(services, call)
+    finally:
+        request[REQUEST_ID] = call.request_id
+        if call.served is not None:
+            request[VERSION] = call.served
+    headers = {HEADER_LENGTH: str(reply.header_length)} if reply.header_length is not None else None
+    return web.Response(body=reply.body, content_type=reply.content_type, headers=headers)
+
+
+async def answer(services: Services, call: InferCall) -> Reply:
+    """Decode, lease, run, count, tap and encode one inference request.
+
+    Raises ``AgentError`` for whatever the client must change (or retry), with the
+    message that says so.
+    """
+    start = time.perf_counter()
+    decoded, reply_as = _decode(call, services.config.server.max_elements)
+    if decoded.id:
+        call.request_id = decoded.id
+    with services.registry.lease(call.name, call.version) as live:
+        call.served = live.version
         outputs = await _run(services, live, decoded)
         latency = time.perf_counter() - start
         live.stats.record(latency)
-    ok, seconds = _ok_metrics(services, name, live.version)
+    ok, seconds = _ok_metrics(services, call.name, live.version)
     ok.inc()
     seconds.observe(latency)
     response = InferResponse(
-        model_name=name,
+        model_name=call.name,
         model_version=str(live.version),
-        id=request_id,
+        id=call.request_id,
         outputs=outputs,
         binary=binary_outputs(decoded, list(outputs)) if reply_as != "msgpack" else frozenset(),
     )
     services.on_prediction(
         PredictionEvent(
-            request_id, name, live.version, services.clock.wall(), decoded.inputs, outputs, latency
+            call.request_id,
+            call.name,
+            live.version,
+            services.clock.wall(),
+            decoded.inputs,
+            outputs,
+            latency,
         )
     )
-    return _encode(response, _reply_format(request, reply_as))
+    return _encode(response, _reply_format(call.accept, reply_as))
 
 
 @routes.get("/v2")
@@ -111,8 +170,8 @@ async def ready(request: web.Request) -> web.Response:
     )
 
 
-def _version_arg(request: web.Request) -> int | None:
-    text = request.match_info.get("version")
+def version_arg(text: str | None) -> int | None:
+    """The ``{version}`` of a route: None for the active version, else a positive integer."""
     if text is None or text == "":
         return None
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
@@ -126,7 +185,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     """Inputs and outputs of the active (or named) version."""
     services = request.app[SERVICES]
     name = request.match_info["name"]
-    with services.registry.lease(name, _version_arg(request)) as live:
+    with services.registry.lease(name, version_arg(request.match_info.get("version"))) as live:
         record = services.registry.records.get(name)
         sig = live.runner.signature
         return json_response(
@@ -152,7 +211,7 @@ async def model_ready(request: web.Request) -> web.Response:
     """200 when the model (version) can take requests now."""
     services = request.app[SERVICES]
     name = request.match_info["name"]
-    with services.registry.lease(name, _version_arg(request)):
+    with services.registry.lease(name, version_arg(request.match_info.get("version"))):
         return json_response({"name": name, "ready": True})
 
 
@@ -212,25 +271,24 @@ async def _read_body(request: web.Request) -> bytes:
         raise BadRequest(f"cannot read the request body ({exc}); check Content-Encoding") from exc
 
 
-def _decode(request: web.Request, body: bytes, max_elements: int) -> tuple[InferRequest, str]:
+def _decode(call: InferCall, max_elements: int) -> tuple[InferRequest, str]:
     """Decode by the rules of SPEC section 4; returns the request and its wire format."""
-    header = request.headers.get(_HEADER)
+    body, header = call.body, call.header_length
     if header is not None:
         length = codec_binary.parse_header_length(header)
         return codec_binary.decode_request(body, length, max_elements=max_elements), "binary"
-    ctype = request.content_type
+    ctype = call.content_type
     if ctype in _MSGPACK_TYPES:
         return codec_msgpack.decode_request(body, max_elements=max_elements), "msgpack"
     if ctype in _JSON_TYPES or ctype.endswith("+json") or not ctype:
         return codec_json.decode_request(body, max_elements=max_elements), "json"
     raise UnsupportedMediaType(
         f"Content-Type {ctype!r} is not supported; send application/json, application/msgpack, "
-        f"or the binary extension with the {_HEADER} header"
+        f"or the binary extension with the {HEADER_LENGTH} header"
     )
 
 
-def _reply_format(request: web.Request, decoded_as: str) -> str:
-    accept = request.headers.get("Accept", "")
+def _reply_format(accept: str, decoded_as: str) -> str:
     if "msgpack" in accept:
         return "msgpack"
     if "application/json" in accept and decoded_as == "msgpack":
@@ -238,19 +296,13 @@ def _reply_format(request: web.Request, decoded_as: str) -> str:
     return decoded_as
 
 
-def _encode(response: InferResponse, fmt: str) -> web.Response:
+def _encode(response: InferResponse, fmt: str) -> Reply:
     if fmt == "msgpack":
-        return web.Response(
-            body=codec_msgpack.encode_response(response), content_type="application/msgpack"
-        )
+        return Reply(codec_msgpack.encode_response(response), "application/msgpack", None)
     body, header_length = codec_binary.encode_response(response)
     if header_length is None:
-        return web.Response(body=body, content_type="application/json")
-    return web.Response(
-        body=body,
-        content_type="application/octet-stream",
-        headers={_HEADER: str(header_length)},
-    )
+        return Reply(body, "application/json", None)
+    return Reply(body, "application/octet-stream", header_length)
 
 
 def _ok_metrics(services: Services, model: str, version: int) -> tuple[Any, Any]:

@@ -17,10 +17,15 @@ and one dispatcher task turns the queue into runs on a bounded executor:
 - inline: while idle, a model whose runs take less than ``inline_max_us`` (measured at
   warm-up, then the median of recent inline runs) runs on the event loop itself: for such
   models the hand-off to a thread, and the GIL hand-back, cost more than the inference (a
-  30-feature MLP takes about 40 µs). When other HTTP requests are in flight (``busy``),
-  the requests that reach the model in one turn of the event loop run together as one
-  batch at the start of the next turn, still on the loop. Slower models go through the
-  queue and the executor.
+  30-feature MLP takes about 40 µs). Under load, the requests that reach the model in
+  one turn of the event loop run together as one batch at the start of the next turn,
+  still on the loop. Load is either other HTTP requests in flight (``busy``) or an
+  arrival burst: a request that is not the first to reach the model in this turn (the
+  event loop runs, back to back, the handlers of every connection whose request arrived
+  in one ``select``, and each inline run would finish before the next handler starts, so
+  none of them sees the others in flight). The first request of a turn runs inline at
+  once: at concurrency 1 nothing waits. Slower models go through the queue and the
+  executor.
 
 Models whose inputs or outputs do not all have a dynamic first dimension are never
 batched: each request runs alone (still bounded by the queue and the executor).
@@ -106,6 +111,8 @@ class Batcher:
         self._observe = observe
         self._busy = busy
         self._gathered: list[_Item] = []
+        # A request reached the model earlier in this turn of the event loop.
+        self._turn_open = False
         self._batching = settings.enabled and runner.signature.batchable
         self._pending: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -171,7 +178,7 @@ class Batcher:
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if first is not None and first.ndim else 1
         if self._runs_inline(inputs):
-            if self._busy is None or not self._busy():
+            if self._first_in_turn() and not self._gathered and not self._loaded():
                 return self._run_inline(inputs, outputs, rows)
             return await self._gather_inline(inputs, outputs, rows)
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
@@ -201,6 +208,24 @@ class Batcher:
             return False
         size = sum(a.size for a in inputs.values()) / self._warm_elements
         return size * cost < _INLINE_ROWS_FACTOR * limit_s
+
+    def _first_in_turn(self) -> bool:
+        """True for the first request to reach the model in this turn of the event loop.
+
+        The first marks the turn; the mark is cleared by a callback queued behind the
+        handlers already ready to run, so it outlives exactly the current burst.
+        """
+        if self._turn_open:
+            return False
+        self._turn_open = True
+        asyncio.get_running_loop().call_soon(self._close_turn)
+        return True
+
+    def _close_turn(self) -> None:
+        self._turn_open = False
+
+    def _loaded(self) -> bool:
+        return self._busy is not None and self._busy()
 
     def _run_inline(self, inputs: dict[str, Array], outputs: tuple[str, ...], rows: int) -> Outputs:
         start = self._clock.monotonic()

@@ -74,6 +74,12 @@ class TestJsonDocument:
         """A numeric request id is refused."""
         assert '"id" must be a string, got 42' in json_error({"id": 42, "inputs": [tensor()]})
 
+    def test_id_must_be_printable(self) -> None:
+        """A request id with a line break is refused: it would end the X-Request-ID header."""
+        message = json_error({"id": "a\r\nSet-Cookie: x", "inputs": [tensor()]})
+        assert '"id" must be printable text' in message
+        assert "remove control characters" in message
+
     def test_inputs_are_required(self) -> None:
         """A request without inputs is refused."""
         assert '"inputs" must be a list, got null' in json_error({"id": "a"})

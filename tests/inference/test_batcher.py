@@ -321,3 +321,28 @@ class TestInline:
         for chunk, result in zip(chunks, got, strict=True):
             want = runner.run({"float_input": chunk}, OUTPUTS)
             np.testing.assert_array_equal(result["label"], want["label"])
+
+    async def test_a_burst_in_one_loop_turn_batches_without_other_load(
+        self, runner: OrtRunner
+    ) -> None:
+        """Requests that reach the model in one turn of the event loop (the handlers of
+        one ``select``'s connections, run back to back) batch even though none sees the
+        others in flight: the first runs inline at once, the rest as one batch. A request
+        after the burst runs alone and inline again."""
+        runner.typical_run_s = 1e-5
+        async with make_batcher(runner, inline_max_us=1e6, max_batch_size=32) as (
+            batcher,
+            executor,
+        ):
+            chunks = [X[i : i + 2].astype(np.float32) for i in range(0, 10, 2)]
+            with blocked(executor, 1):  # the executor is not needed
+                got = await asyncio.wait_for(
+                    asyncio.gather(*(batcher.infer({"float_input": c}, OUTPUTS) for c in chunks)),
+                    5,
+                )
+                await asyncio.sleep(0)
+                alone = await asyncio.wait_for(batcher.infer({"float_input": X[:3]}, OUTPUTS), 5)
+        assert batcher.observed == [1, 4, 1]  # type: ignore[attr-defined]
+        for chunk, result in zip([*chunks, X[:3]], [*got, alone], strict=True):
+            want = runner.run({"float_input": chunk}, OUTPUTS)
+            np.testing.assert_array_equal(result["label"], want["label"])

@@ -1,0 +1,591 @@
+"""The fast path: inference requests answered straight off the socket, the rest by aiohttp.
+
+aiohttp's web layer (request and response objects, header multidicts, the router, the
+middleware chain, the payload writer) costs about 150 µs of Python per request on a
+2-core edge server: more than a small model's whole inference, and as much as
+everything the agent itself does per request. ``FastSite`` listens like
+``web.TCPSite``, but every connection starts with a small protocol that recognizes the
+one request that matters for throughput::
+
+    POST /v2/models/{name}[/versions/{version}]/infer HTTP/1.1
+    Content-Length: <digits>, and no Transfer-Encoding, Content-Encoding, Expect or Upgrade
+
+and answers it with ``v2.answer``, the code aiohttp's handler runs too (decode, lease,
+batch, taps, metrics, encode), with the same error bodies, ``X-Request-ID``, bearer
+tokens, request tracking and access log line. At the first request it does not
+recognize (another route or method, a header it is not sure of, a body over
+``[server] max_body_bytes``, a malformed head, a model a replica cannot serve), and
+for every request while the agent stops, it hands the connection over to aiohttp's own
+protocol, with the bytes already received, for good. So every other route, every
+error aiohttp reports about malformed HTTP, and every HTTP feature (chunked bodies,
+gzip, ``Expect: 100-continue``) keep aiohttp's behaviour: the fast path only narrows.
+
+Connections behave as aiohttp's do: keep-alive until ``[server] keepalive_timeout_s``
+of idleness; pipelined requests answered in order; ``Connection: close`` honoured;
+reading paused while the client does not read its answers or has sent more than one
+largest request ahead. A request whose head or body is still arriving when the idle
+time runs out is handed to aiohttp, which gives its body the same deadline and answers
+408 if it does not come. ``[server] fast_path = false`` turns all of this off.
+
+This module knows HTTP/1.1 framing and the V2 inference route, nothing about models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from ssl import SSLContext
+
+import structlog
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from agent.api import v2
+from agent.api.middleware import (
+    TRACKER,
+    authorize,
+    error_body,
+    internal_error,
+    slow_body_message,
+)
+from agent.api.services import SERVICES, Services
+from agent.errors import AgentError
+
+log = structlog.get_logger("edge_agent.access")
+
+#: A request head longer than this is not ours (aiohttp allows 8190 bytes per line).
+MAX_HEAD = 16_384
+_ROUTE = re.compile(r"/v2/models/([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/versions/([0-9]+))?/infer")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Media types the fast path decodes; aiohttp reads any other (odd) Content-Type its way.
+_MEDIA = frozenset(
+    {"application/json", "application/octet-stream", "application/msgpack", "application/x-msgpack"}
+)
+#: Headers the fast path reads: a second copy of any of them goes to aiohttp.
+_READ = frozenset(
+    {
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept",
+        "authorization",
+        "x-request-id",
+        "connection",
+        v2.HEADER_LENGTH.lower(),
+    }
+)
+_HEADER_LENGTH = v2.HEADER_LENGTH.lower()
+#: Headers that ask for what only aiohttp does (chunked bodies, 100-continue, upgrades).
+_REFUSED = frozenset({"transfer-encoding", "expect", "upgrade"})
+_REASONS = {int(s): s.phrase for s in HTTPStatus}
+
+
+@dataclass(slots=True)
+class Head:
+    """What the fast path needs from a request head it serves."""
+
+    path: str
+    name: str
+    version: str | None
+    length: int
+    content_type: str
+    header_length: str | None
+    accept: str
+    authorization: str
+    request_id: str | None
+    close: bool
+
+
+def parse_head(head: bytes) -> Head | None:
+    """The head (request line and headers, without the blank line) of a request the fast
+    path serves, or None when aiohttp should have it."""
+    breaks = head.count(b"\r\n")
+    if head.count(b"\r") != breaks or head.count(b"\n") != breaks:
+        return None  # a bare CR or LF: aiohttp's parser decides what that is
+    lines = head.decode("latin-1").split("\r\n")
+    method, _, rest = lines[0].partition(" ")
+    target, _, protocol = rest.partition(" ")
+    route = _route(target) if method == "POST" and protocol == "HTTP/1.1" else None
+    if route is None:
+        return None
+    fields = _fields(lines)
+    if fields is None:
+        return None
+    length = fields.get("content-length", "")
+    media = fields.get("content-type", "application/octet-stream").partition(";")[0]
+    media = media.strip().lower()
+    connection = fields.get("connection", "").lower()
+    tokens = {t.strip() for t in connection.split(",")} if connection else set()
+    if not (length.isascii() and length.isdigit()) or media not in _MEDIA:
+        return None
+    if fields.get("content-encoding", "identity").lower() not in ("", "identity"):
+        return None
+    if "upgrade" in tokens:
+        return None
+    return Head(
+        path=target,
+        name=route[0],
+        version=route[1],
+        length=int(length),
+        content_type=media,
+        header_length=fields.get(_HEADER_LENGTH),
+        accept=fields.get("accept", ""),
+        authorization=fields.get("authorization", ""),
+        request_id=fields.get("x-request-id") or None,
+        close="close" in tokens,
+    )
+
+
+def _route(target: str) -> tuple[str, str | None] | None:
+    """(model, version text) of an inference route written plainly, else None.
+
+    Model names are the drop folder's (a letter or digit, then letters, digits, ``_.-``);
+    a version is digits (``v2.version_arg`` answers any other text with a 404).
+    """
+    match = _ROUTE.fullmatch(target)
+    if match is None:
+        return None
+    return match[1], match[2]
+
+
+def _fields(lines: list[str]) -> dict[str, str] | None:
+    """The headers the fast path reads, or None when one of them needs aiohttp."""
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        key = name.lower()  # Latin-1 letters never lower to ASCII: read names are tokens
+        if key in _READ and colon:
+            if key in fields:
+                return None
+            fields[key] = value.strip(" \t")
+        elif key in _REFUSED or not colon or not _TOKEN.fullmatch(name):
+            return None  # also obsolete line folding (a line starting with a space)
+    return fields
+
+
+class FastSite(web.BaseSite):
+    """A TCP site whose connections take the fast path for inference (module docstring).
+
+    ``handles(model)``: False sends that model's requests through aiohttp (a replica's
+    lagging models, which its aiohttp routes forward to the primary).
+    """
+
+    __slots__ = ("_conns", "_handles", "_host", "_port", "_reuse_port")
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: SSLContext | None = None,
+        backlog: int = 128,
+        reuse_port: bool = False,
+        handles: Callable[[str], bool] | None = None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._reuse_port = reuse_port
+        self._handles = handles
+        self._conns: set[_Connection] = set()
+
+    @property
+    def name(self) -> str:
+        """The site's URL, as aiohttp's sites name themselves."""
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        """Listen; every connection starts on the fast path."""
+        await super().start()
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner)
+        assert runner.server is not None
+        shared = _Shared(runner.app, runner.server, self._handles, self._conns)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(shared),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port or None,
+        )
+
+    def close_connections(self) -> None:
+        """At shutdown: close the fast connections; cancel a request still running (the
+        drain has waited for it already), as aiohttp does with its own."""
+        for conn in list(self._conns):
+            conn.abandon()
+
+
+class _Shared:
+    """What every connection of a site reads: the app's services, aiohttp's protocol
+    factory (for the hand-over), and the site's set of live connections."""
+
+    __slots__ = ("app", "conns", "handles", "protocols", "services")
+
+    def __init__(
+        self,
+        app: web.Application,
+        protocols: web.Server,
+        handles: Callable[[str], bool] | None,
+        conns: set[_Connection],
+    ) -> None:
+        self.app = app
+        self.services = app[SERVICES]
+        self.protocols = protocols
+        self.handles = handles
+        self.conns = conns
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection, on the fast path until it is handed to aiohttp.
+
+    Deadlines, all ``[server] keepalive_timeout_s`` as in aiohttp: an idle connection
+    closes that long after its last answer; a request head must arrive within that time
+    of its first byte (else the connection closes); a body within that time of its head
+    (else 408). A request counts as in flight (``RequestTracker``) from its head on, so
+    the drain at shutdown waits for bodies still arriving.
+    """
+
+    def __init__(self, shared: _Shared) -> None:
+        self._shared = shared
+        self._loop = asyncio.get_running_loop()
+        self._tracker = shared.app.get(TRACKER)
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._head: tuple[Head, int] | None = None  # parsed and tracked; its body is due
+        self._task: asyncio.Task[None] | None = None
+        self._writable = True
+        self._reading = True
+        self._gone = False  # closed, lost or handed over
+        self._active = self._loop.time()  # the last answer (or the connection's start)
+        self._since = self._active  # the first byte of the request now arriving
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._shared.conns.add(self)
+        self._arm(self._keepalive_s())
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buf:
+            self._since = self._loop.time()
+        self._buf += data
+        if self._task is None:
+            self._advance()
+        elif self._reading and len(self._buf) > self._backlog_limit():
+            self._pause_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # as aiohttp: the transport closes; a running request still finishes
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._retire()
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        if self._task is None and not self._gone:
+            self._advance()
+
+    # --- requests --------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start the next request if it is all here; hand over what is not ours."""
+        if self._gone or not self._writable:
+            return
+        if not self._reading and len(self._buf) <= self._backlog_limit():
+            self._resume_reading()
+        if self._head is None and not self._take_head():
+            return
+        assert self._head is not None
+        head, start = self._head
+        end = start + head.length
+        if len(self._buf) < end:
+            return  # the body is still arriving
+        body = bytes(self._buf[start:end])
+        del self._buf[:end]
+        self._head = None
+        self._since = self._loop.time()  # for a pipelined request already in the buffer
+        self._task = self._loop.create_task(self._serve(head, body))
+
+    def _take_head(self) -> bool:
+        """Parse the next head when it is all here; False while it is not (or not ours)."""
+        end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            if len(self._buf) > MAX_HEAD:
+                self._hand_over("head_too_long")
+            return False  # the head is still arriving
+        head = parse_head(bytes(self._buf[:end]))
+        reason = self._refusal(head)
+        if reason is not None:
+            self._hand_over(reason)
+            return False
+        assert head is not None
+        self._head = (head, end + 4)
+        self._since = self._loop.time()  # the body's deadline runs from here
+        if self._tracker is not None:
+            self._tracker.enter()
+        return True
+
+    def _refusal(self, head: Head | None) -> str | None:
+        """Why aiohttp must answer this request (a ``handovers`` reason), or None."""
+        services = self._shared.services
+        if head is None:
+            return "request"
+        if not services.accepting:
+            return "stopping"
+        if head.length > services.config.server.max_body_bytes:
+            return "too_large"
+        if self._shared.handles is not None and not self._shared.handles(head.name):
+            return "lagging"
+        return None
+
+    async def _serve(self, head: Head, body: bytes) -> None:
+        start = time.perf_counter()
+        services = self._shared.services
+        call = v2.InferCall(
+            name=head.name,
+            version=None,
+            body=body,
+            content_type=head.content_type,
+            header_length=head.header_length,
+            accept=head.accept,
+            request_id=head.request_id or services.new_request_id(),
+        )
+        cancelled = False
+        try:
+            status, payload, headers = await _respond(services, head, call)
+        except asyncio.CancelledError:
+            cancelled = True  # only a shutdown past [server] drain_timeout_s cancels
+            log.warning("request_cancelled", **_log_fields(head, call), reason="shutdown")
+            raise
+        finally:
+            if self._tracker is not None:
+                self._tracker.leave(cancelled=cancelled)
+        if services.config.log.access_log:  # before the answer, as the middleware does
+            log.info(
+                "request",
+                **_log_fields(head, call),
+                method="POST",
+                status=status,
+                duration_ms=round((time.perf_counter() - start) * 1000, 3),
+            )
+        close = head.close or not services.accepting
+        self._answer(status, payload, headers, call.request_id, close=close)
+        self._task = None
+        if close:
+            self._close()
+        else:
+            self._advance()
+
+    def _answer(
+        self, status: int, body: bytes, headers: list[str], request_id: str, *, close: bool
+    ) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the client left; its request was still counted and tapped
+        lines = [
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
+            *headers,
+            f"Content-Length: {len(body)}",
+            f"X-Request-ID: {request_id}",
+            f"Date: {_http_date()}",
+            f"Server: {SERVER_SOFTWARE}",
+        ]
+        if close:
+            lines.append("Connection: close")
+        lines.append("\r\n")
+        try:
+            transport.write("\r\n".join(lines).encode() + body)
+        except Exception:  # a bug, not the client: log it, and end the connection
+            log.exception("response_failed", request_id=request_id)
+            transport.abort()
+        self._active = self._loop.time()
+
+    # --- the connection's life -------------------------------------------------------------
+
+    def _hand_over(self, reason: str) -> None:
+        """Give the connection, and what it sent so far, to aiohttp for good."""
+        transport = self._transport
+        assert transport is not None
+        self._retire()
+        self._shared.services.metrics.handovers.labels(reason).inc()
+        protocol = self._shared.protocols()
+        if not self._reading:
+            transport.resume_reading()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._buf:
+            data, self._buf = bytes(self._buf), bytearray()
+            protocol.data_received(data)
+
+    def _retire(self, *, cancelled: bool = False) -> None:
+        """Off the fast path for good (closed, lost, or handed over)."""
+        if self._gone:
+            return
+        self._gone = True
+        self._shared.conns.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._head is not None:  # a body that will not come now
+            if cancelled:
+                head = self._head[0]
+                log.warning(
+                    "request_cancelled",
+                    request_id=head.request_id,
+                    path=head.path,
+                    model=head.name,
+                    reason="shutdown: the body had not arrived",
+                )
+            self._head = None
+            if self._tracker is not None:
+                self._tracker.leave(cancelled=cancelled)
+
+    def _close(self) -> None:
+        self._retire()
+        if self._transport is not None:
+            self._transport.close()
+
+    def abandon(self) -> None:
+        """Shutdown: cancel the request running or arriving, if any, and close."""
+        if self._task is not None:
+            self._task.cancel()
+        self._retire(cancelled=True)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _keepalive_s(self) -> float:
+        return self._shared.services.config.server.keepalive_timeout_s
+
+    def _arm(self, delay_s: float) -> None:
+        self._timer = self._loop.call_later(max(delay_s, 0.01), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """A deadline (class docstring) may have passed: close, answer 408, or wait on."""
+        self._timer = None
+        if self._gone:
+            return
+        limit = self._keepalive_s()
+        if self._task is not None:
+            self._arm(limit)
+            return
+        waited = self._loop.time() - (self._since if self._buf or self._head else self._active)
+        if waited < limit:
+            self._arm(limit - waited)
+        elif self._head is not None:
+            self._too_slow(self._head[0], limit)
+        else:
+            self._close()  # idle, or a head that never completed (as aiohttp does)
+
+    def _too_slow(self, head: Head, limit: float) -> None:
+        request_id = head.request_id or self._shared.services.new_request_id()
+        self._answer(408, error_body(slow_body_message(limit)), [_JSON], request_id, close=True)
+        self._close()
+
+    def _backlog_limit(self) -> int:
+        return self._shared.services.config.server.max_body_bytes + MAX_HEAD
+
+    def _pause_reading(self) -> None:
+        assert self._transport is not None
+        self._transport.pause_reading()
+        self._reading = False
+
+    def _resume_reading(self) -> None:
+        assert self._transport is not None
+        self._transport.resume_reading()
+        self._reading = True
+
+
+async def _respond(
+    services: Services, head: Head, call: v2.InferCall
+) -> tuple[int, bytes, list[str]]:
+    """(status, body, header lines) of the answer; failures answered as the middleware does."""
+    try:
+        authorize(services, head.path, head.authorization)
+        call.version = v2.version_arg(head.version)
+        reply = await v2.answer(services, call)
+    except AgentError as exc:
+        headers = [f"{k}: {v}" for k, v in exc.headers().items()]
+        return int(exc.status), error_body(exc.message), [_JSON, *headers]
+    except Exception:
+        log.exception("request_failed", **_log_fields(head, call))
+        return 500, error_body(internal_error(call.request_id)), [_JSON]
+    headers = [f"Content-Type: {reply.content_type}"]
+    if reply.header_length is not None:
+        headers.append(f"{v2.HEADER_LENGTH}: {reply.header_length}")
+    return 200, reply.body, headers
+
+
+_JSON = "Content-Type: application/json"
+
+
+def _log_fields(head: Head, call: v2.InferCall) -> dict[str, object]:
+    return {
+        "request_id": call.request_id,
+        "path": head.path,
+        "model": head.name,
+        "version": call.served,
+    }
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]
+
+
+def tcp_site(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    *,
+    fast: bool,
+    ssl_context: SSLContext | None = None,
+    backlog: int = 128,
+    reuse_port: bool = False,
+    handles: Callable[[str], bool] | None = None,
+) -> web.BaseSite:
+    """The agent's listening site: ``FastSite``, or aiohttp's own with ``fast = False``
+    (``[server] fast_path``)."""
+    if fast:
+        return FastSite(
+            runner,
+            host,
+            port,
+            ssl_context=ssl_context,
+            backlog=backlog,
+            reuse_port=reuse_port,
+            handles=handles,
+        )
+    return web.TCPSite(
+        runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port
+    )
+
+
+def close_connections(sites: list[web.BaseSite]) -> None:
+    """At shutdown, before ``runner.cleanup()``: close the fast path's connections (aiohttp
+    closes its own)."""
+    for site in sites:
+        if isinstance(site, FastSite):
+            site.close_connections()
