@@ -23,6 +23,7 @@ from typing import Any, Final
 import orjson
 
 from agent.api import wire
+from agent.api.json_numbers import load_numeric
 from agent.api.tensor_check import (
     array_from_list,
     check_datatype,
@@ -65,10 +66,15 @@ WriteOutput = Callable[[str, Array], wire.ResponseOutput]
 
 
 def decode_request(body: bytes, *, max_elements: int) -> InferRequest:
-    """Decode a V2 JSON inference request."""
-    return parse_request(
-        load_json(body, "request body"), max_elements=max_elements, read_data=read_json_data
-    )
+    """Decode a V2 JSON inference request (big numeric ones through ``json_numbers``)."""
+    document = load_numeric(body)
+    if document is not None:
+        try:
+            return parse_request(document, max_elements=max_elements, read_data=read_json_data)
+        except BadRequest:
+            pass  # decoded again below: its message shows the values as the client wrote them
+    document = load_json(body, "request body")
+    return parse_request(document, max_elements=max_elements, read_data=read_json_data)
 
 
 def encode_request(request: InferRequest) -> bytes:

@@ -86,6 +86,8 @@ def array_from_list(
     Args:
         allow_bin: BYTES elements may be ``bytes`` as well as ``str`` (msgpack bin).
     """
+    if isinstance(data, np.ndarray):  # flat float64 numbers for an FP tensor (json_numbers)
+        return _cast_floats(_fit_shape(data, shape, where), datatype, where)
     if not isinstance(data, list):
         raise BadRequest(
             f'{where}: "data" must be a list, got {show(data)}; '
