@@ -115,7 +115,7 @@ class Plan:
                 args.python_load,
             )
         return Plan(
-            args.seconds, MODELS, FORMATS, (1, 32), True, True, 5, 3, 1.5, 0.6, args.python_load
+            args.seconds, MODELS, FORMATS, (1, 32), True, True, 5, 5, 1.5, 0.6, args.python_load
         )
 
 
@@ -1091,12 +1091,18 @@ def _swap_row(label: str, tab: LoadResult, cnn: LoadResult) -> str:
 VARIANTS: Final = (
     ("access-log", {"log": {"access_log": True}}, "access log on ([log] access_log = true)"),
     ("no-drift", {"drift": {"enabled": False}}, "drift sketches off ([drift] enabled = false)"),
+    (
+        "no-fast-path",
+        {"server": {"fast_path": False}},
+        "aiohttp serves inference too ([server] fast_path = false)",
+    ),
 )
 _VARIANT_CELLS: Final = (
     ("tabular", "binary", 32),
     ("tabular", "binary", 1),
     ("cnn", "binary", 32),
     ("tabular", "json", 32),
+    ("cnn", "json", 32),
 )
 
 
