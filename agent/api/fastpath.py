@@ -160,9 +160,10 @@ def _fields(lines: list[str]) -> dict[str, str] | None:
         name, colon, value = line.partition(":")
         key = name.lower()  # Latin-1 letters never lower to ASCII: read names are tokens
         if key in _READ and colon:
-            if key in fields:
-                return None
-            fields[key] = value.strip(" \t")
+            value = value.strip(" \t")
+            if key in fields or not (value.isascii() and value.isprintable()):
+                return None  # a second copy, or bytes aiohttp may read otherwise
+            fields[key] = value
         elif key in _REFUSED or not colon or not _TOKEN.fullmatch(name):
             return None  # also obsolete line folding (a line starting with a space)
     return fields
@@ -284,8 +285,8 @@ class _Connection(asyncio.Protocol):
         self._buf += data
         if self._task is None:
             self._advance()
-        elif self._reading and len(self._buf) > self._backlog_limit():
-            self._pause_reading()
+        if self._reading and not self._gone and len(self._buf) > self._backlog_limit():
+            self._pause_reading()  # busy, or the client does not read its answers
 
     def eof_received(self) -> bool | None:
         return None  # as aiohttp: the transport closes; a running request still finishes
@@ -483,6 +484,9 @@ class _Connection(asyncio.Protocol):
         limit = self._keepalive_s()
         if self._task is not None:
             self._arm(limit)
+            return
+        if not self._writable and self._loop.time() - self._active >= limit:
+            self._close()  # the client has not read its answers for that long
             return
         waited = self._loop.time() - (self._since if self._buf or self._head else self._active)
         if waited < limit:

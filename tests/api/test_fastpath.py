@@ -494,6 +494,8 @@ class TestParseHead:
             (b"Content-Length: 12", b"Content-Length: 12\nX-Bare: lf"),
             (b"Host: x", b"Ho st: x"),
             (b"Content-Type: application/json", b"Content-Type: text/csv"),
+            (b"Host: x", b"Host: x\r\nX-Request-ID: caf\xe9"),  # aiohttp reads UTF-8
+            (b"Host: x", b"Host: x\r\nX-Request-ID: a\x01b"),
             (b"Content-Length: 12", b"X-No-Length: 12"),
         ],
     )
