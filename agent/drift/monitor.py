@@ -35,15 +35,18 @@ log = structlog.get_logger(__name__)
 
 Emit = Callable[[list[UpstreamRecord]], Awaitable[None]]
 
-#: Events applied per thread job: enough to amortise numpy's per-call cost over a couple of
-#: thousand rows, few enough that a report waiting for the lock waits only milliseconds.
-_MAX_DRAIN: Final = 64
+#: Events applied per thread job: enough to amortise the per-job Python (grouping, numpy
+#: calls per feature) over thousands of rows, few enough that a report waiting for the lock
+#: waits only milliseconds. 256 instead of 64 serves about 10-20 % more tabular requests
+#: per second on one process at c=32: the job's Python competes with the event loop for
+#: the GIL, and most of it is per job, not per row.
+_MAX_DRAIN: Final = 256
 
-#: Predictions are folded in every ``_DRAIN_EVERY_S`` (or as soon as ``_WAKE_AT`` wait), not
+#: Predictions are folded in every ``_DRAIN_EVERY_S`` (or as soon as a job's worth wait, but
+#: at most a quarter of ``queue_size``: the queue never fills while the worker sleeps), not
 #: one thread hop per request: at high rates each hop then carries a large, cheap batch, and
 #: at low rates the sketches cost nothing between requests.
 _DRAIN_EVERY_S: Final = 0.2
-_WAKE_AT: Final = _MAX_DRAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,7 @@ class DriftMonitor:
             alert_share=alert_share,
         )
         self._queue_size = queue_size
+        self._wake_at = max(1, min(_MAX_DRAIN, queue_size // 4))
         self.sample_rate = sample_rate
         self._rng = rng or random.Random()  # noqa: S311 -- sampling, not security
         self._clock = clock
@@ -258,7 +262,7 @@ class DriftMonitor:
             return
         self._items.append(event)
         self._queued += 1
-        if self._queued >= _WAKE_AT:
+        if self._queued >= self._wake_at:
             self._wakeup.set()
 
     # --- reading ----------------------------------------------------------------------------
@@ -317,7 +321,7 @@ class DriftMonitor:
         log.info("drift_worker_stopped", dropped=self.dropped, errors=self.errors)
 
     async def _wait(self) -> None:
-        if self._queued >= _WAKE_AT or self._control_queued():
+        if self._queued >= self._wake_at or self._control_queued():
             return
         self._wakeup.clear()
         cadence = _DRAIN_EVERY_S if self._items else self._tick_s
