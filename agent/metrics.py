@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -223,9 +222,9 @@ class Metrics:
             ("reason",),
             r,
         )
-        self.inflight = Gauge(
-            "edge_agent_inflight_requests", "Inference requests being served now.", registry=r
-        )
+        #: Inference requests being served now: a plain number the event loop updates on
+        #: every request (prometheus_client's gauge takes a lock per change).
+        self.inflight = 0
         self.loads = Counter(
             "edge_agent_model_loads",
             "Model version loads by result.",
@@ -260,6 +259,12 @@ class Metrics:
         )
         self.callbacks = _CallbackGauges()
         r.register(self.callbacks)
+        self.gauge(
+            "edge_agent_inflight_requests",
+            "Inference requests being served now.",
+            (),
+            lambda: [((), float(self.inflight))],
+        )
         #: Snapshots of the other processes, added at render time (set by the primary).
         self.peers: Callable[[], list[Snapshot]] | None = None
 

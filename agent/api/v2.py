@@ -235,14 +235,14 @@ async def _run(services: Services, live: LiveVersion, decoded: InferRequest) -> 
             if decoded.outputs is not None
             else live.runner.signature.output_names
         )
-        services.metrics.inflight.inc()
+        services.metrics.inflight += 1
         try:
             return await live.batcher.infer(decoded.inputs, wanted)
         except InferenceFailed:
             live.stats.fail()
             raise
         finally:
-            services.metrics.inflight.dec()
+            services.metrics.inflight -= 1
     except AgentError as exc:
         services.metrics.requests.labels(live.name, str(live.version), str(int(exc.status))).inc()
         raise

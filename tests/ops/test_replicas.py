@@ -738,8 +738,8 @@ class TestMergedMetrics:
         second.request_seconds.labels("m", "2").observe(0.0001)
         first.replica_events.labels("shipped").inc(0)
         second.replica_events.labels("shipped").inc(5)
-        first.inflight.set(2)
-        second.inflight.set(5)
+        first.inflight = 2
+        second.inflight = 5
         return first, second
 
     def test_counters_and_histograms_are_summed_gauges_are_not(self) -> None:
