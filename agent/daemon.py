@@ -377,7 +377,9 @@ async def serve(
         # Step 5: close idle connections, cancel what the drain left (after a short
         # grace), and run every component's cleanup in reverse order (watcher,
         # registry, taps, shipper flush, outbox close).
-        close_connections([*stopped, *runner.sites])
+        await close_connections(
+            [*stopped, *runner.sites], min(_CANCEL_GRACE_S, config.server.drain_timeout_s)
+        )
         await runner.cleanup()
         signals.uninstall()
     log.info("stopped", cancelled=tracker.cancelled, exit_code=0)

@@ -386,7 +386,9 @@ async def serve_replica(fd: int) -> int:
     finally:
         listen.cancel()
         await asyncio.gather(listen, return_exceptions=True)
-        close_connections([site] if site is not None else [])
+        await close_connections(
+            [site] if site is not None else [], min(1.0, config.server.drain_timeout_s)
+        )
         await runner.cleanup()
         writer.close()
         backstop.cancel()

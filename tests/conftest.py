@@ -165,7 +165,7 @@ async def make_agent(tmp_path: Path) -> AsyncIterator[MakeAgent]:
     yield start
     for client in clients:
         await client.close()
-    close_connections(sites)
+    await close_connections(sites, 1.0)
     for runner in reversed(runners):
         with contextlib.suppress(Exception):
             await runner.cleanup()

@@ -45,7 +45,7 @@ _HEADER: Final = "Inference-Header-Content-Length"
 def parse_header_length(value: str) -> int:
     """The value of the ``Inference-Header-Content-Length`` HTTP header as a byte count."""
     text = value.strip()
-    if not text.isascii() or not text.isdigit():
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
         raise BadRequest(
             f"{_HEADER} must be the byte length of the JSON header, got {show(value)}; "
             "send a whole number of bytes"

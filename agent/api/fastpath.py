@@ -23,9 +23,10 @@ gzip, ``Expect: 100-continue``) keep aiohttp's behaviour: the fast path only nar
 Connections behave as aiohttp's do: keep-alive until ``[server] keepalive_timeout_s``
 of idleness; pipelined requests answered in order; ``Connection: close`` honoured;
 reading paused while the client does not read its answers or has sent more than one
-largest request ahead. A request whose head or body is still arriving when the idle
-time runs out is handed to aiohttp, which gives its body the same deadline and answers
-408 if it does not come. ``[server] fast_path = false`` turns all of this off.
+largest request ahead. A head must arrive within ``keepalive_timeout_s`` of its first
+byte (else the connection closes, as aiohttp's do) and a body within that time of its
+head (else 408, as the middleware answers). ``[server] fast_path = false`` turns all of
+this off.
 
 This module knows HTTP/1.1 framing and the V2 inference route, nothing about models.
 """
@@ -58,8 +59,17 @@ from agent.errors import AgentError
 
 log = structlog.get_logger("edge_agent.access")
 
-#: A request head longer than this is not ours (aiohttp allows 8190 bytes per line).
+#: A request head longer than this is not ours.
 MAX_HEAD = 16_384
+#: aiohttp's own limits (``max_line_size``, ``max_field_size``, ``max_headers``): a head
+#: over them is aiohttp's to refuse.
+_MAX_LINE = 8190
+_MAX_HEADERS = 128
+#: Control characters (a tab is allowed in values): aiohttp refuses them anywhere.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: Content-Length digits: more is not a length a server takes (and not an int Python
+#: converts without a limit).
+_MAX_DIGITS = 18
 _ROUTE = re.compile(r"/v2/models/([A-Za-z0-9][A-Za-z0-9_.-]*)(?:/versions/([0-9]+))?/infer")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: Media types the fast path decodes; aiohttp reads any other (odd) Content-Type its way.
@@ -104,10 +114,11 @@ class Head:
 def parse_head(head: bytes) -> Head | None:
     """The head (request line and headers, without the blank line) of a request the fast
     path serves, or None when aiohttp should have it."""
-    breaks = head.count(b"\r\n")
-    if head.count(b"\r") != breaks or head.count(b"\n") != breaks:
-        return None  # a bare CR or LF: aiohttp's parser decides what that is
+    if _CONTROL.search(head.replace(b"\r\n", b"")):
+        return None  # a bare CR or LF, a NUL...: aiohttp's parser refuses them
     lines = head.decode("latin-1").split("\r\n")
+    if len(lines) > _MAX_HEADERS + 1 or max(map(len, lines)) > _MAX_LINE:
+        return None
     method, _, rest = lines[0].partition(" ")
     target, _, protocol = rest.partition(" ")
     route = _route(target) if method == "POST" and protocol == "HTTP/1.1" else None
@@ -121,7 +132,9 @@ def parse_head(head: bytes) -> Head | None:
     media = media.strip().lower()
     connection = fields.get("connection", "").lower()
     tokens = {t.strip() for t in connection.split(",")} if connection else set()
-    if not (length.isascii() and length.isdigit()) or media not in _MEDIA:
+    if not (length.isascii() and length.isdigit()) or len(length) > _MAX_DIGITS:
+        return None
+    if media not in _MEDIA:
         return None
     if fields.get("content-encoding", "identity").lower() not in ("", "identity"):
         return None
@@ -219,11 +232,10 @@ class FastSite(web.BaseSite):
             reuse_port=self._reuse_port or None,
         )
 
-    def close_connections(self) -> None:
-        """At shutdown: close the fast connections; cancel a request still running (the
-        drain has waited for it already), as aiohttp does with its own."""
-        for conn in list(self._conns):
-            conn.abandon()
+    @property
+    def connections(self) -> list[_Connection]:
+        """The connections still on the fast path."""
+        return list(self._conns)
 
 
 class _Shared:
@@ -264,6 +276,9 @@ class _Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._head: tuple[Head, int] | None = None  # parsed and tracked; its body is due
         self._task: asyncio.Task[None] | None = None
+        self._serving: Head | None = None  # the head of the request the task answers
+        self._tracked = False  # this connection's request counts in the RequestTracker
+        self._closing = False  # close once the running request is answered
         self._writable = True
         self._reading = True
         self._gone = False  # closed, lost or handed over
@@ -317,17 +332,22 @@ class _Connection(asyncio.Protocol):
         end = start + head.length
         if len(self._buf) < end:
             return  # the body is still arriving
+        if self._shared.handles is not None and not self._shared.handles(head.name):
+            self._hand_over("lagging")  # became so while the body arrived; head still here
+            return
         body = bytes(self._buf[start:end])
         del self._buf[:end]
         self._head = None
         self._since = self._loop.time()  # for a pipelined request already in the buffer
+        self._serving = head
         self._task = self._loop.create_task(self._serve(head, body))
+        self._task.add_done_callback(self._served)
 
     def _take_head(self) -> bool:
         """Parse the next head when it is all here; False while it is not (or not ours)."""
         end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
-            if len(self._buf) > MAX_HEAD:
+            if len(self._buf) >= MAX_HEAD + 4:  # no room left for the blank line
                 self._hand_over("head_too_long")
             return False  # the head is still arriving
         head = parse_head(bytes(self._buf[:end]))
@@ -340,7 +360,14 @@ class _Connection(asyncio.Protocol):
         self._since = self._loop.time()  # the body's deadline runs from here
         if self._tracker is not None:
             self._tracker.enter()
+            self._tracked = True
         return True
+
+    def _untrack(self, *, cancelled: bool = False) -> None:
+        """The tracked request ended (exactly once, whichever way)."""
+        if self._tracked and self._tracker is not None:
+            self._tracker.leave(cancelled=cancelled)
+        self._tracked = False
 
     def _refusal(self, head: Head | None) -> str | None:
         """Why aiohttp must answer this request (a ``handovers`` reason), or None."""
@@ -353,6 +380,10 @@ class _Connection(asyncio.Protocol):
             return "too_large"
         if self._shared.handles is not None and not self._shared.handles(head.name):
             return "lagging"
+        try:  # before the body, as the middleware: aiohttp answers 401/403 and skips it
+            authorize(services, head.path, head.authorization)
+        except AgentError:
+            return "unauthorized"
         return None
 
     async def _serve(self, head: Head, body: bytes) -> None:
@@ -367,28 +398,39 @@ class _Connection(asyncio.Protocol):
             accept=head.accept,
             request_id=head.request_id or services.new_request_id(),
         )
-        cancelled = False
-        try:
-            status, payload, headers = await _respond(services, head, call)
-        except asyncio.CancelledError:
-            cancelled = True  # only a shutdown past [server] drain_timeout_s cancels
-            log.warning("request_cancelled", **_log_fields(head, call), reason="shutdown")
-            raise
-        finally:
-            if self._tracker is not None:
-                self._tracker.leave(cancelled=cancelled)
+        status, payload, headers = await _respond(services, head, call)
+        self._untrack()
         if services.config.log.access_log:  # before the answer, as the middleware does
-            log.info(
-                "request",
-                **_log_fields(head, call),
-                method="POST",
-                status=status,
-                duration_ms=round((time.perf_counter() - start) * 1000, 3),
-            )
-        close = head.close or not services.accepting
-        self._answer(status, payload, headers, call.request_id, close=close)
+            _access_log(head, call.request_id, call.served, status, start)
+        self._closing = head.close or not services.accepting
+        self._answer(status, payload, headers, call.request_id, close=self._closing)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        """The request's task ended: answered, cancelled (shutdown; perhaps before it
+        started), or failed (a bug). The tracker is left in every case."""
         self._task = None
-        if close:
+        head, self._serving = self._serving, None
+        if task.cancelled():
+            if self._tracked and head is not None:
+                log.warning(
+                    "request_cancelled",
+                    request_id=head.request_id,
+                    path=head.path,
+                    model=head.name,
+                    reason="shutdown drain timed out",
+                )
+            self._untrack(cancelled=True)
+            self._close()
+            return
+        exc = task.exception()
+        if exc is not None:  # _respond answers every failure: this is a bug in this module
+            log.error("fast_path_failed", exc_info=exc)
+            self._untrack()
+            self._retire()
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if self._closing:
             self._close()
         else:
             self._advance()
@@ -454,18 +496,24 @@ class _Connection(asyncio.Protocol):
                     reason="shutdown: the body had not arrived",
                 )
             self._head = None
-            if self._tracker is not None:
-                self._tracker.leave(cancelled=cancelled)
+            self._untrack(cancelled=cancelled)
 
     def _close(self) -> None:
         self._retire()
         if self._transport is not None:
             self._transport.close()
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The request being answered, if any."""
+        return self._task
+
     def abandon(self) -> None:
-        """Shutdown: cancel the request running or arriving, if any, and close."""
-        if self._task is not None:
+        """Shutdown: cancel the request running (its task closes the connection when it
+        ends) or arriving, and close."""
+        if self._task is not None and not self._task.done():
             self._task.cancel()
+            return
         self._retire(cancelled=True)
         if self._transport is not None:
             self._transport.close()
@@ -497,12 +545,16 @@ class _Connection(asyncio.Protocol):
             self._close()  # idle, or a head that never completed (as aiohttp does)
 
     def _too_slow(self, head: Head, limit: float) -> None:
-        request_id = head.request_id or self._shared.services.new_request_id()
+        services = self._shared.services
+        request_id = head.request_id or services.new_request_id()
+        if services.config.log.access_log:
+            _access_log(head, request_id, None, 408, time.perf_counter())
         self._answer(408, error_body(slow_body_message(limit)), [_JSON], request_id, close=True)
         self._close()
 
     def _backlog_limit(self) -> int:
-        return self._shared.services.config.server.max_body_bytes + MAX_HEAD
+        """Bytes buffered beyond which reading pauses: more than one largest request."""
+        return self._shared.services.config.server.max_body_bytes + MAX_HEAD + 4
 
     def _pause_reading(self) -> None:
         assert self._transport is not None
@@ -520,7 +572,6 @@ async def _respond(
 ) -> tuple[int, bytes, list[str]]:
     """(status, body, header lines) of the answer; failures answered as the middleware does."""
     try:
-        authorize(services, head.path, head.authorization)
         call.version = v2.version_arg(head.version)
         reply = await v2.answer(services, call)
     except AgentError as exc:
@@ -545,6 +596,22 @@ def _log_fields(head: Head, call: v2.InferCall) -> dict[str, object]:
         "model": head.name,
         "version": call.served,
     }
+
+
+def _access_log(
+    head: Head, request_id: str, version: int | None, status: int, start: float
+) -> None:
+    """The access log line, as the middleware writes it."""
+    log.info(
+        "request",
+        request_id=request_id,
+        path=head.path,
+        model=head.name,
+        version=version,
+        method="POST",
+        status=status,
+        duration_ms=round((time.perf_counter() - start) * 1000, 3),
+    )
 
 
 _date: tuple[int, str] = (0, "")
@@ -587,9 +654,16 @@ def tcp_site(
     )
 
 
-def close_connections(sites: list[web.BaseSite]) -> None:
-    """At shutdown, before ``runner.cleanup()``: close the fast path's connections (aiohttp
-    closes its own)."""
-    for site in sites:
-        if isinstance(site, FastSite):
-            site.close_connections()
+async def close_connections(sites: list[web.BaseSite], grace_s: float) -> None:
+    """At shutdown, before ``runner.cleanup()`` (which closes aiohttp's connections the
+    same way): close the fast path's idle connections, give the requests still running
+    ``grace_s`` to finish (the drain has waited already), then cancel them."""
+    conns = [c for site in sites if isinstance(site, FastSite) for c in site.connections]
+    running = [c.task for c in conns if c.task is not None]
+    for conn in conns:
+        if conn.task is None:
+            conn.abandon()
+    if running:
+        await asyncio.wait(running, timeout=grace_s)
+    for conn in conns:
+        conn.abandon()

@@ -238,6 +238,12 @@ class TestJsonTensor:
 
 
 class TestBinaryBody:
+    def test_header_length_with_thousands_of_digits_is_a_400(self) -> None:
+        """A 5000-digit Inference-Header-Content-Length is refused, not a crash (Python
+        will not convert that many digits to an int)."""
+        with pytest.raises(BadRequest, match="byte length of the JSON header"):
+            codec_binary.parse_header_length("1" * 5000)
+
     def test_header_length_not_a_number(self) -> None:
         """A non-numeric Inference-Header-Content-Length is refused."""
         with pytest.raises(

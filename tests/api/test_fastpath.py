@@ -25,7 +25,7 @@ from conftest import Agent, MakeAgent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.api.fastpath import parse_head
+from agent.api.fastpath import MAX_HEAD, parse_head
 from agent.api.services import SERVICES
 
 ROWS = modelgen.tabular_data("test")[0][:4].astype(np.float32)
@@ -299,6 +299,64 @@ class TestHandOver:
         got, want = await exchange(fast, data), await exchange(slow, data)
         assert got.status == want.status == 400
 
+    @pytest.mark.parametrize(
+        "headers",
+        [
+            [("Content-Type", "application/json"), ("X-Odd", "a\x01b")],
+            [("Content-Type", "application/json"), ("X-Long", "a" * 9000)],
+        ],
+        ids=["control character", "header line over 8190 bytes"],
+    )
+    async def test_heads_aiohttp_refuses_are_refused_by_aiohttp(
+        self, pair: tuple[Agent, Agent], headers: list[tuple[str, str]]
+    ) -> None:
+        """A head aiohttp answers 400 is not served by the fast path either."""
+        fast, slow = pair
+        data = request(json_body(), headers)
+        got, want = await exchange(fast, data), await exchange(slow, data)
+        assert got.status == want.status == 400
+
+    async def test_absurd_content_length_is_aiohttps_to_refuse(
+        self, pair: tuple[Agent, Agent]
+    ) -> None:
+        """A 5000-digit Content-Length is neither parsed (it would raise) nor served."""
+        fast, slow = pair
+        data = request(b"{}", [("Content-Length", "1" * 5000)], length=False)
+        before = handovers(fast)
+        got, want = await exchange(fast, data), await exchange(slow, data)
+        assert got.status == want.status == 400
+        assert handovers(fast) == before + 1
+
+    async def test_a_head_at_the_size_limit_still_gets_its_body(
+        self, make_agent: MakeAgent, models: dict[str, bytes]
+    ) -> None:
+        """The largest head and body the fast path takes, arriving in two parts (cut in the
+        body, or in the head's blank line): served by the fast path at once (reading is
+        not left paused until the 30 s deadline)."""
+        agent = await make_agent(
+            {"tab.onnx": models["tabular"]},
+            {"server": {"max_body_bytes": 1024, "keepalive_timeout_s": 30}},
+        )
+        body = json_body(ROWS[:1])
+        body += b" " * (1024 - len(body))  # the largest body allowed (JSON allows the blanks)
+
+        bare = request(body, [("Content-Type", "application/json")]).index(b"\r\n\r\n")
+        # Three pad headers: each line must stay under aiohttp's 8190 bytes.
+        rest = MAX_HEAD - bare - 2 * len("\r\nX-PadN: ") - 2 * 6000 - len("\r\nX-PadN: ")
+        pads = [("X-Pad1", "p" * 6000), ("X-Pad2", "p" * 6000), ("X-Pad3", "p" * rest)]
+        data = request(body, [("Content-Type", "application/json"), *pads])
+        assert data.index(b"\r\n\r\n") == MAX_HEAD  # the largest head the fast path takes
+        before = handovers(agent)
+        answers = []
+        for cut in (len(data) - 1, MAX_HEAD + 2):  # in the body; in the head's blank line
+            async with connect(agent) as conn:
+                await conn.send(data[:cut])
+                await asyncio.sleep(0.05)
+                await conn.send(data[cut:])
+                answers.append(await conn.answer(timeout=10))
+        assert [a.status for a in answers] == [200, 200]
+        assert handovers(agent) == before
+
     async def test_body_over_the_limit_gets_413(
         self, make_agent: MakeAgent, models: dict[str, bytes]
     ):
@@ -453,7 +511,8 @@ class TestConnection:
         )
         assert (none.status, good.status, bad.status) == (401, 200, 401)
         assert none.headers["www-authenticate"].startswith("Bearer")
-        assert handovers(agent) == 0
+        # Refused at the head, before any body is read: aiohttp's middleware answers those.
+        assert handovers(agent) == 2
 
 
 class TestParseHead:
