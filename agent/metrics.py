@@ -218,7 +218,8 @@ class Metrics:
             "edge_agent_http_handovers",
             "Connections the fast path handed to aiohttp, by the first request it did not "
             "serve: request (another route or method, chunked or compressed body, a header "
-            "it does not read), too_large, head_too_long, stopping, lagging (a replica).",
+            "it does not read), unauthorized, too_large, head_too_long, stopping, lagging "
+            "(a replica).",
             ("reason",),
             r,
         )
