@@ -11,10 +11,10 @@ one request that matters for throughput::
     Content-Length: <digits>, and no Transfer-Encoding, Content-Encoding, Expect or Upgrade
 
 and answers it with ``v2.answer``, the code aiohttp's handler runs too (decode, lease,
-batch, taps, metrics, encode), with the same error bodies, ``X-Request-ID``, bearer
-tokens, request tracking and access log line. At the first request it does not
-recognize (another route or method, a header it is not sure of, a body over
-``[server] max_body_bytes``, a malformed head, a model a replica cannot serve), and
+batch, taps, metrics, encode), with the same error bodies, ``X-Request-ID``, request
+tracking and access log line. At the first request it does not recognize (another
+route or method, a header it is not sure of, a body over ``[server] max_body_bytes``,
+a malformed head, a missing or wrong bearer token, a model a replica cannot serve), and
 for every request while the agent stops, it hands the connection over to aiohttp's own
 protocol, with the bytes already received, for good. So every other route, every
 error aiohttp reports about malformed HTTP, and every HTTP feature (chunked bodies,
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from ssl import SSLContext
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -414,9 +415,7 @@ class _Connection(asyncio.Protocol):
             if self._tracked and head is not None:
                 log.warning(
                     "request_cancelled",
-                    request_id=head.request_id,
-                    path=head.path,
-                    model=head.name,
+                    **_log_fields(head, head.request_id),
                     reason="shutdown drain timed out",
                 )
             self._untrack(cancelled=True)
@@ -490,9 +489,7 @@ class _Connection(asyncio.Protocol):
                 head = self._head[0]
                 log.warning(
                     "request_cancelled",
-                    request_id=head.request_id,
-                    path=head.path,
-                    model=head.name,
+                    **_log_fields(head, head.request_id),
                     reason="shutdown: the body had not arrived",
                 )
             self._head = None
@@ -578,7 +575,7 @@ async def _respond(
         headers = [f"{k}: {v}" for k, v in exc.headers().items()]
         return int(exc.status), error_body(exc.message), [_JSON, *headers]
     except Exception:
-        log.exception("request_failed", **_log_fields(head, call))
+        log.exception("request_failed", **_log_fields(head, call.request_id, call.served))
         return 500, error_body(internal_error(call.request_id)), [_JSON]
     headers = [f"Content-Type: {reply.content_type}"]
     if reply.header_length is not None:
@@ -589,13 +586,9 @@ async def _respond(
 _JSON = "Content-Type: application/json"
 
 
-def _log_fields(head: Head, call: v2.InferCall) -> dict[str, object]:
-    return {
-        "request_id": call.request_id,
-        "path": head.path,
-        "model": head.name,
-        "version": call.served,
-    }
+def _log_fields(head: Head, request_id: str | None, version: int | None = None) -> dict[str, Any]:
+    """The fields every log line about a request carries (as the middleware's)."""
+    return {"request_id": request_id, "path": head.path, "model": head.name, "version": version}
 
 
 def _access_log(
@@ -604,10 +597,7 @@ def _access_log(
     """The access log line, as the middleware writes it."""
     log.info(
         "request",
-        request_id=request_id,
-        path=head.path,
-        model=head.name,
-        version=version,
+        **_log_fields(head, request_id, version),
         method="POST",
         status=status,
         duration_ms=round((time.perf_counter() - start) * 1000, 3),
