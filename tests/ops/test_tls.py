@@ -81,6 +81,30 @@ class TestTls:
         assert reply.status == 200
         assert reply.json()["outputs"][0]["data"] == [2, 3, 4, 5]
 
+    def test_one_connection_carries_fast_and_handed_over_requests(
+        self, tls_agent: Daemon, trusting: ssl.SSLContext
+    ) -> None:
+        """On one kept-alive TLS connection: inferences (the fast path), then a health check
+        (handed to aiohttp over the same TLS session), then an inference again."""
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_agent.port, context=trusting)
+        statuses, sockets = [], set()
+        try:
+            for method, path, body in (
+                ("POST", "/v2/models/aff/infer", infer_doc([1, 2, 3, 4])),
+                ("POST", "/v2/models/aff/infer", infer_doc([5, 6, 7, 8])),
+                ("GET", "/v2/health/live", None),
+                ("POST", "/v2/models/aff/infer", infer_doc([0, 0, 0, 0])),
+            ):
+                conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+                sockets.add(id(conn.sock))
+        finally:
+            conn.close()
+        assert statuses == [200, 200, 200, 200]
+        assert len(sockets) == 1  # http.client reopens a closed connection: it never had to
+
     def test_the_configured_certificate_is_presented(
         self, tls_agent: Daemon, certificate: tuple[Path, Path]
     ) -> None:
