@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import modelgen
 import numpy as np
@@ -79,6 +80,13 @@ async def make_batcher(
     finally:
         await batcher.stop()
         executor.shutdown(wait=True)
+
+
+async def infer_together(batcher: Batcher, chunks: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Every chunk as its own request, all started in the same turn of the event loop."""
+    return await asyncio.wait_for(
+        asyncio.gather(*(batcher.infer({"float_input": c}, OUTPUTS) for c in chunks)), 5
+    )
 
 
 class TestResults:
@@ -313,10 +321,7 @@ class TestInline:
         ):
             chunks = [X[i : i + 2].astype(np.float32) for i in range(0, 10, 2)]
             with blocked(executor, 1):  # the executor is not needed
-                got = await asyncio.wait_for(
-                    asyncio.gather(*(batcher.infer({"float_input": c}, OUTPUTS) for c in chunks)),
-                    5,
-                )
+                got = await infer_together(batcher, chunks)
         assert batcher.observed == [5]  # type: ignore[attr-defined]
         for chunk, result in zip(chunks, got, strict=True):
             want = runner.run({"float_input": chunk}, OUTPUTS)
@@ -336,10 +341,7 @@ class TestInline:
         ):
             chunks = [X[i : i + 2].astype(np.float32) for i in range(0, 10, 2)]
             with blocked(executor, 1):  # the executor is not needed
-                got = await asyncio.wait_for(
-                    asyncio.gather(*(batcher.infer({"float_input": c}, OUTPUTS) for c in chunks)),
-                    5,
-                )
+                got = await infer_together(batcher, chunks)
                 await asyncio.sleep(0)
                 alone = await asyncio.wait_for(batcher.infer({"float_input": X[:3]}, OUTPUTS), 5)
         assert batcher.observed == [1, 4, 1]  # type: ignore[attr-defined]
