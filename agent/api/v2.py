@@ -18,6 +18,7 @@ from aiohttp import web
 from agent import __version__
 from agent.api import codec_binary, codec_json, codec_msgpack
 from agent.api.middleware import json_response
+from agent.api.request_head import HEADER_LENGTH
 from agent.api.services import MODEL, REQUEST_ID, SERVICES, VERSION, Services
 from agent.errors import AgentError, BadRequest, InferenceFailed, NotFound, UnsupportedMediaType
 from agent.events import PredictionEvent
@@ -35,7 +36,6 @@ _JSON_TYPES = frozenset(
     }
 )
 _ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "x-gzip"})
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 routes = web.RouteTableDef()
 

@@ -25,7 +25,7 @@ from conftest import Agent, MakeAgent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.api.fastpath import MAX_HEAD, parse_head
+from agent.api.request_head import MAX_HEAD, parse_head
 from agent.api.services import SERVICES
 
 ROWS = modelgen.tabular_data("test")[0][:4].astype(np.float32)
