@@ -14,8 +14,8 @@ and one dispatcher task turns the queue into runs on a bounded executor:
   caller's poisonous input fails only that caller.
 - a caller that gives up (cancelled) is skipped if still queued; if it is already
   running, its rows are computed and dropped.
-- inline: while idle, a model whose runs take less than ``inline_max_us`` (measured at
-  warm-up, then the median of recent inline runs) runs on the event loop itself: for such
+- inline: while idle, a model whose runs take less than ``inline_max_us`` (measured by
+  the loader's warm-up, ``typical_run_s``) runs on the event loop itself: for such
   models the hand-off to a thread, and the GIL hand-back, cost more than the inference (a
   30-feature MLP takes about 40 µs). Under load, the requests that reach the model in
   one turn of the event loop run together as one batch at the start of the next turn,
@@ -120,10 +120,8 @@ class Batcher:
         self._runs: set[asyncio.Future[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        # Median of recent inline run times; None until measured. Above inline_max_us the
-        # model goes through the queue and the executor (and is batched under load).
         # Elements of the warm-up's synthetic input (dynamic dimensions 1): the size the
-        # inline cost was measured at.
+        # inline cost (the runner's typical_run_s) was measured at.
         self._warm_elements = max(
             1, sum(math.prod(max(d, 1) for d in spec.shape) for spec in runner.signature.inputs)
         )
