@@ -16,10 +16,11 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from agent import __version__
 from agent import config as config_module
+from agent.config import EventLoop
 from agent.errors import AgentError, ConfigError
 from agent.models.manifest import load as load_manifest
 
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     # Spawned by `run` when [server] processes > 1; not for people (hence no help).
     replica = sub.add_parser("replica")
     replica.add_argument("--channel-fd", type=int, required=True)
+    replica.add_argument("--event-loop", choices=get_args(EventLoop), default="asyncio")
     replica.set_defaults(func=_cmd_replica)
 
     status = sub.add_parser("status", help="models, versions, states of a running agent")
@@ -120,7 +122,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_replica(args: argparse.Namespace) -> int:
     from agent import replica
 
-    return replica.run(args.channel_fd)
+    return replica.run(args.channel_fd, args.event_loop)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 OnRemove = Literal["unload", "keep"]
 SwapMode = Literal["availability", "memory"]
+EventLoop = Literal["uvloop", "asyncio"]
 GraphOptimization = Literal["disabled", "basic", "extended", "all"]
 WireFormat = Literal["msgpack", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -126,6 +127,7 @@ class Server:
     keepalive_timeout_s: float = _setting(75.0, gt=0)
     processes: int = _setting(1, ge=0, le=MAX_PROCESSES)  # 0: one per usable core
     fast_path: bool = True  # agent/api/fastpath.py: inference requests skip aiohttp's web layer
+    event_loop: EventLoop = "uvloop"  # agent/loops.py
 
     def serving_processes(self) -> int:
         """``processes``, with 0 resolved to the cores this process may run on: its CPU

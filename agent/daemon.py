@@ -51,7 +51,7 @@ import structlog
 from aiohttp import web
 
 from agent import config as config_module
-from agent import logs
+from agent import logs, loops
 from agent.api.fastpath import close_connections, tcp_site
 from agent.api.middleware import TRACKER, RequestTracker
 from agent.api.services import SERVICES
@@ -498,7 +498,14 @@ async def _bind(runner: web.AppRunner, config: Config, context: ssl.SSLContext |
         )
         return False
     bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("server_listening", host=host, port=bound, tls=context is not None, pid=os.getpid())
+    log.info(
+        "server_listening",
+        host=host,
+        port=bound,
+        tls=context is not None,
+        pid=os.getpid(),
+        event_loop=loops.running_kind(),
+    )
     return True
 
 
@@ -641,6 +648,8 @@ def run(config: Config, config_path: Path | None) -> int:
     _raise_open_files_limit()
     notifier = Notifier.from_env(os.environ)
     try:
-        return asyncio.run(serve(config, config_path, notifier, ssl_context=context))
+        return loops.run(
+            serve(config, config_path, notifier, ssl_context=context), config.server.event_loop
+        )
     finally:
         lock.close()

@@ -40,14 +40,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from agent import ipc, logs
+from agent import ipc, logs, loops
 from agent.api import v2
 from agent.api.fastpath import close_connections, tcp_site
 from agent.api.middleware import TRACKER, RequestTracker, edge_middleware
 from agent.api.services import MODEL, REQUEST_ID, SERVICES, Services
 from agent.app import REGISTRY, read_tokens, reconfigure, running_registry
 from agent.clock import SystemClock
-from agent.config import Config
+from agent.config import Config, EventLoop
 from agent.daemon import SWITCH_INTERVAL_S, drain, tls_context
 from agent.errors import Unavailable
 from agent.events import ModelEvent, PredictionEvent
@@ -444,7 +444,7 @@ class _Commands:
             reconfigure(self._app, new)
 
 
-def run(fd: int) -> int:
-    """Entry point of ``edge-agent replica``."""
+def run(fd: int, event_loop: EventLoop) -> int:
+    """Entry point of ``edge-agent replica`` (on the primary's ``[server] event_loop``)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    return asyncio.run(serve_replica(fd))
+    return loops.run(serve_replica(fd), event_loop)

@@ -187,6 +187,8 @@ class ReplicaSet:
                 "replica",
                 "--channel-fd",
                 str(theirs.fileno()),
+                "--event-loop",
+                self.config.server.event_loop,
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )

@@ -1096,6 +1096,11 @@ VARIANTS: Final = (
         {"server": {"fast_path": False}},
         "aiohttp serves inference too ([server] fast_path = false)",
     ),
+    (
+        "asyncio-loop",
+        {"server": {"event_loop": "asyncio"}},
+        'the standard library\'s event loop ([server] event_loop = "asyncio")',
+    ),
 )
 _VARIANT_CELLS: Final = (
     ("tabular", "binary", 32),
@@ -1243,7 +1248,16 @@ def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for name in ("onnxruntime", "numpy", "aiohttp", "orjson", "msgpack", "edge-agent"):
+    for name in (
+        "onnxruntime",
+        "numpy",
+        "aiohttp",
+        "orjson",
+        "msgpack",
+        "uvloop",
+        "pysimdjson",
+        "edge-agent",
+    ):
         try:
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:
@@ -1285,13 +1299,14 @@ def header(bench: Bench, elapsed: float) -> list[str]:
         f"{ROUND_S} s per server, the servers taking turns; the same pre-encoded batch-1 "
         "request on every call",
         "- agent: `python -m agent run` with the defaults ([batching] max_batch_size 32, "
-        "max_delay_ms 2, workers 2; [models] intra_op_threads 1), [log] level info, "
+        "max_delay_ms 2, workers 2; [models] intra_op_threads 1; [server] event_loop uvloop), "
+        "[log] level info, "
         "access_log = false; *batching off* = [batching] enabled = false; *2 processes* = "
         "the same with [server] processes = 2 (the primary and one replica on the same port; "
         "its *cores* and RSS are summed over both processes)",
-        "- minimal server: one aiohttp process; its handler decodes V2 (orjson, msgpack, or the "
-        "binary header + np.frombuffer), calls session.run inline and encodes the reply; same "
-        "session options as the agent",
+        "- minimal server: one aiohttp process on the standard asyncio loop; its handler "
+        "decodes V2 (orjson, msgpack, or the binary header + np.frombuffer), calls session.run "
+        "inline and encodes the reply; same session options as the agent",
         "- physical limit: onnxruntime in-process on the same rows, one session shared by 2 "
         "threads (= workers)",
         "- models: tabular = MLP 30-64-64-2; cnn = Conv(3->8)/MaxPool/Conv(8->16)/GAP/Gemm on "

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import modelgen
 import pytest
+import uvloop
 from aiohttp import web
 
 from agent import config as config_module
@@ -31,6 +32,16 @@ from agent.models.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on the standard loop; those marked ``both_loops`` also on uvloop
+    (the daemon's default ``[server] event_loop``)."""
+    if item.get_closest_marker("both_loops") is not None:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def load_script(name: str, module: str) -> ModuleType:

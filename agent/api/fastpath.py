@@ -40,7 +40,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from ssl import SSLContext
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -170,8 +170,8 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but quack like them.
+        self._transport = cast(asyncio.Transport, transport)
         self._shared.conns.add(self)
         self._arm(self._keepalive_s())
 

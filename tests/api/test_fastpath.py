@@ -4,6 +4,8 @@ Two agents serve the same model: one with ``[server] fast_path = true`` (the def
 one with it off (aiohttp serves everything). The same bytes must get the same answer
 from both; what the fast path does not serve must reach aiohttp with nothing lost; and
 its connections must keep aiohttp's rules (keep-alive, deadlines, pipelining, close).
+Every test runs on both event loops ``[server] event_loop`` offers: the standard
+library's and uvloop, whose transports are another implementation of the same API.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from hypothesis import strategies as st
 
 from agent.api.request_head import MAX_HEAD, parse_head
 from agent.api.services import SERVICES
+
+#: Each test runs on both loops (tests/conftest.py, pytest_asyncio_loop_factories).
+pytestmark = pytest.mark.both_loops
 
 ROWS = modelgen.tabular_data("test")[0][:4].astype(np.float32)
 PATH = "/v2/models/tab/infer"
@@ -225,7 +230,11 @@ class TestSameAnswers:
     @settings(
         max_examples=40,
         deadline=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture],
+        # The same test runs once per event loop (pytestmark): by design, not by accident.
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.differing_executors,
+        ],
     )
     @given(
         fmt=st.sampled_from(FORMATS),

@@ -221,3 +221,39 @@ class TestSlowClients:
         assert served.status == 200
         assert response.status == 408
         assert b"keepalive_timeout_s" in error
+
+
+class TestEventLoop:
+    @pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+    def test_each_loop_serves_fast_and_handed_over_requests(
+        self, tmp_path: Path, affine: bytes, kind: str
+    ) -> None:
+        """[server] event_loop picks the loop (the listening line names the one running);
+        on each, one kept-alive connection carries fast-path inferences, a request handed
+        over to aiohttp, and an inference again, and SIGTERM stops the agent cleanly."""
+        with running(
+            tmp_path, {"server": {"event_loop": kind}}, models={"aff.onnx": affine}
+        ) as agent:
+            assert agent.wait_for_event("server_listening")["event_loop"] == kind
+            conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=CLOSE_WAIT_S)
+            answers = []
+            try:
+                for method, path, body in (
+                    ("POST", "/v2/models/aff/infer", infer_doc([1, 2, 3, 4])),
+                    ("GET", "/v2/models/aff", None),
+                    ("POST", "/v2/models/aff/infer", infer_doc([0, 0, 0, 5])),
+                ):
+                    conn.request(
+                        method, path, body=body, headers={"Content-Type": "application/json"}
+                    )
+                    response = conn.getresponse()
+                    answers.append((response.status, response.read()))
+                    assert conn.sock is not None  # http.client would reopen a closed one
+            finally:
+                conn.close()
+            assert [status for status, _ in answers] == [200, 200, 200]
+            assert b"[2.0,3.0,4.0,5.0]" in answers[0][1]
+            assert b'"name":"aff"' in answers[1][1]
+            assert b"[1.0,1.0,1.0,6.0]" in answers[2][1]
+            agent.send(signal.SIGTERM)
+            assert agent.wait_exit() == 0
