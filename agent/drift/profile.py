@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from agent.drift.features import (
     KINDS,
+    Batch,
     Features,
     FloatArray,
     Kind,
@@ -186,11 +187,7 @@ class Profile:
         """An independent copy."""
         return Profile.from_document(self.to_document())
 
-    def update(
-        self,
-        inputs: Mapping[str, npt.NDArray[Any]],
-        outputs: Mapping[str, npt.NDArray[Any]],
-    ) -> None:
+    def update(self, inputs: Mapping[str, Batch], outputs: Mapping[str, Batch]) -> None:
         """Add one batch; tensors this profile does not know are ignored."""
         rows = [_update(t, inputs) for t in self.inputs]
         rows += [_update(t, outputs) for t in self.outputs]
@@ -262,7 +259,7 @@ class Profile:
             ) from exc
 
 
-def _update(profile: TensorProfile, arrays: Mapping[str, npt.NDArray[Any]]) -> int | None:
+def _update(profile: TensorProfile, arrays: Mapping[str, Batch]) -> int | None:
     array = arrays.get(profile.tensor)
     if array is None:
         return None

@@ -11,16 +11,17 @@ queue, schedule, or emit anything: it returns the records to emit.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 import structlog
 
 from agent.clock import Clock
-from agent.drift.features import Kind, spec_kind
+from agent.drift.features import Batch, Kind, Stacked, spec_kind
 from agent.drift.profile import BaselineError, Profile, check_compatible, expected_width
 from agent.drift.scores import DriftThresholds, ModelReport, Status
 from agent.drift.window import DriftSettings, ModelDriftState
@@ -32,7 +33,8 @@ log = structlog.get_logger(__name__)
 WindowName = Literal["deploy", "current"]
 Gauges = list[tuple[tuple[str, ...], float]]
 Key = tuple[str, int]
-_Tensors = tuple[dict[str, Array], dict[str, Array]]
+_Tensors = tuple[dict[str, Batch], dict[str, Batch]]
+_Arrays = tuple[dict[str, Array], dict[str, Array]]
 
 #: edge_agent_drift_status values.
 _STATUS_VALUE: Final[dict[Status, float]] = {
@@ -216,24 +218,24 @@ class Watched:
         return records
 
     def update(self, events: Sequence[PredictionEvent]) -> None:
-        """Apply predictions, concatenated per version and tensor shapes (one numpy pass
-        per group instead of one per event); events of unwatched versions are skipped."""
-        groups: dict[tuple[Any, ...], list[_Tensors]] = {}
+        """Apply predictions, concatenated per version and declared tensors (names, dtypes
+        and row shapes): one numpy pass per group instead of one per event. Events of
+        unwatched versions are skipped."""
+        by_version: dict[Key, list[PredictionEvent]] = {}
         for event in events:
-            entry = self._entries.get((event.model, event.version))
-            if entry is not None:
-                tensors = _known_tensors(event, entry.plan)
-                groups.setdefault(_group_key(event, tensors), []).append(tensors)
-        for (model, version, _), group in groups.items():
-            entry = self._entries[(model, version)]
-            inputs, outputs = _concatenate(group)
-            with self._lock:
-                try:
-                    entry.state.update(inputs, outputs)
-                except (BaselineError, ValueError) as exc:
-                    self._refuse(entry, exc)
-                    continue
-                entry.dirty = True
+            by_version.setdefault((event.model, event.version), []).append(event)
+        for key, batch in by_version.items():
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            for inputs, outputs in _batches(batch, entry.plan):
+                with self._lock:
+                    try:
+                        entry.state.update(inputs, outputs)
+                    except (BaselineError, ValueError) as exc:
+                        self._refuse(entry, exc)
+                        continue
+                    entry.dirty = True
 
     def _refuse(self, entry: _Entry, exc: Exception) -> None:
         self.refused += 1
@@ -364,34 +366,97 @@ def _load_baseline(key: Key, plan: Plan) -> tuple[Profile | None, str | None]:
     return None, f"{reason} (meanwhile drift compares against the first {rows} live rows)"
 
 
-def _known_tensors(event: PredictionEvent, plan: Plan) -> _Tensors:
+def _batches(events: Sequence[PredictionEvent], plan: Plan) -> list[_Tensors]:
+    """One version's events as few batches as possible: one per distinct set of declared
+    tensors, dtypes and row shapes, in order of first appearance (each batch lists its
+    tensors in the order of its first event)."""
+    declared = (tuple(s.name for s in plan.inputs), tuple(s.name for s in plan.outputs))
+    uniform = _uniform(events, declared, plan.kinds)
+    if uniform is not None:
+        return [uniform]
+    wanted = (frozenset(declared[0]), frozenset(declared[1]))
+    groups: dict[tuple[Any, ...], list[_Arrays]] = {}
+    for event in events:
+        tensors = _known_tensors(event, wanted)
+        groups.setdefault(_group_key(tensors), []).append(tensors)
+    return [_concatenate(group) for group in groups.values()]
+
+
+_DTYPE: Final = attrgetter("dtype")
+_SHAPE: Final = attrgetter("shape")
+
+
+def _uniform(
+    events: Sequence[PredictionEvent],
+    declared: tuple[tuple[str, ...], tuple[str, ...]],
+    kinds: Mapping[str, Kind],
+) -> _Tensors | None:
+    """All events as one batch when they fit in one (the common case), else None.
+
+    They fit when every declared tensor is either a batched array in every event, all of one
+    dtype and row shape, or absent from every event. The checks build sets with ``map``
+    (C loops) instead of a key per event in Python: this function is why a tabular job
+    costs about a microsecond per event here, not several. Images stay ``Stacked``: their
+    features copy a few rows at a time instead of the whole batch at once.
+    """
+    batch: list[dict[str, Batch]] = []
+    for role, names in enumerate(declared):
+        tensors = [event.outputs if role else event.inputs for event in events]
+        # The first event's order, as the per-event path would give (it keeps dict order).
+        present = [name for name in tensors[0] if name in names]
+        order = present + [name for name in names if name not in tensors[0]]
+        arrays_of: dict[str, Batch] = {}
+        for name in order:
+            arrays = [t.get(name) for t in tensors]
+            types = set(map(type, arrays))
+            if types == {type(None)}:
+                continue
+            if types != {np.ndarray} or len(set(map(_DTYPE, arrays))) != 1:
+                return None
+            shapes = set(map(_SHAPE, arrays))
+            if () in shapes or len({shape[1:] for shape in shapes}) != 1:
+                return None
+            parts = cast(list[Array], arrays)  # every one is an ndarray (checked)
+            if len(parts) == 1:
+                arrays_of[name] = parts[0]
+            elif kinds.get(name) == "image":
+                arrays_of[name] = Stacked(tuple(parts))
+            else:
+                arrays_of[name] = np.concatenate(parts)
+        batch.append(arrays_of)
+    return batch[0], batch[1]
+
+
+def _known_tensors(
+    event: PredictionEvent, wanted: tuple[frozenset[str], frozenset[str]]
+) -> _Arrays:
     """The event's arrays of declared tensors (batched: at least one dimension)."""
 
-    def pick(arrays: dict[str, Array], specs: Sequence[TensorSpec]) -> dict[str, Array]:
-        wanted = {spec.name for spec in specs}
+    def pick(arrays: dict[str, Array], names: frozenset[str]) -> dict[str, Array]:
         return {
             name: array
             for name, array in arrays.items()
-            if name in wanted and isinstance(array, np.ndarray) and array.ndim >= 1
+            if name in names and isinstance(array, np.ndarray) and array.ndim >= 1
         }
 
-    return pick(event.inputs, plan.inputs), pick(event.outputs, plan.outputs)
+    return pick(event.inputs, wanted[0]), pick(event.outputs, wanted[1])
 
 
-def _group_key(event: PredictionEvent, tensors: _Tensors) -> tuple[Any, ...]:
-    """Events with equal keys can be concatenated into one batch."""
-    shapes = tuple(
-        (role, name, array.dtype.str, array.shape[1:])
-        for role, arrays in enumerate(tensors)
-        for name, array in arrays.items()
+def _group_key(tensors: _Arrays) -> tuple[Any, ...]:
+    """Tensors with equal keys can be concatenated into one batch (in any dict order)."""
+    return tuple(
+        sorted(
+            (role, name, array.dtype.str, array.shape[1:])
+            for role, arrays in enumerate(tensors)
+            for name, array in arrays.items()
+        )
     )
-    return (event.model, event.version, shapes)
 
 
-def _concatenate(group: Sequence[_Tensors]) -> _Tensors:
-    if len(group) == 1:
-        return group[0]
+def _concatenate(group: Sequence[_Arrays]) -> _Tensors:
     inputs, outputs = group[0]
+    if len(group) == 1:
+        return dict(inputs), dict(outputs)
     return (
         {name: np.concatenate([g[0][name] for g in group]) for name in inputs},
         {name: np.concatenate([g[1][name] for g in group]) for name in outputs},

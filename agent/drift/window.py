@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import numpy as np
-import numpy.typing as npt
 
-from agent.drift.features import Features, Kind, extract_features, infer_kind
+from agent.drift.features import Batch, Features, Kind, extract_features, infer_kind
 from agent.drift.profile import (
     BaselineError,
     Profile,
@@ -39,8 +38,6 @@ from agent.drift.scores import (
 
 WINDOW_FORMAT: Final = "edge-agent-window"
 WINDOW_VERSION: Final = 1
-
-Array = npt.NDArray[Any]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,7 +104,7 @@ class ModelDriftState:
         """The frozen reference, None while live reference rows are still being collected."""
         return self._baseline
 
-    def update(self, inputs: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
+    def update(self, inputs: Mapping[str, Batch], outputs: Mapping[str, Batch]) -> None:
         """Add one batch of a request's inputs and the model's outputs.
 
         Raises BaselineError when a tensor does not fit the baseline (feature count).
@@ -232,13 +229,13 @@ class _Collector:
         self._batches: dict[tuple[bool, str], list[Features]] = {}
         self.rows = 0
 
-    def add(self, inputs: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
+    def add(self, inputs: Mapping[str, Batch], outputs: Mapping[str, Batch]) -> None:
         """Keep one batch (every row of it, even past the target)."""
         rows = [self._keep(name, array, output=False) for name, array in inputs.items()]
         rows += [self._keep(name, array, output=True) for name, array in outputs.items()]
         self.rows += rows[0] if rows else 0
 
-    def _keep(self, tensor: str, array: Array, *, output: bool) -> int:
+    def _keep(self, tensor: str, array: Batch, *, output: bool) -> int:
         kind = self._kinds.setdefault(tensor, infer_kind(array, output=output))
         features = extract_features(array, kind, self._names.get(tensor))
         kept = self._batches.setdefault((output, tensor), [])
