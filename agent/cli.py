@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     # Spawned by `run` when [server] processes > 1; not for people (hence no help).
     replica = sub.add_parser("replica")
     replica.add_argument("--channel-fd", type=int, required=True)
-    replica.add_argument("--event-loop", choices=get_args(EventLoop), default="asyncio")
+    replica.add_argument("--event-loop", choices=get_args(EventLoop), required=True)
     replica.set_defaults(func=_cmd_replica)
 
     status = sub.add_parser("status", help="models, versions, states of a running agent")
@@ -126,7 +126,12 @@ def _cmd_replica(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config_module.load(args.path)
+    from agent import loops
+
+    config = config_module.load(args.path)
+    problems = loops.problems(config)
+    if problems:
+        raise ConfigError(str(args.path), problems)
     print(f"{args.path}: ok")
     return 0
 

@@ -228,9 +228,9 @@ def _preflight(config: Config) -> ssl.SSLContext | None:
     """Check what must be readable before loading anything; the TLS context, if any.
 
     Raises:
-        ConfigError: with every TLS and token file problem found.
+        ConfigError: with every TLS, token file and event loop problem found.
     """
-    problems = _token_file_problems(config)
+    problems = loops.problems(config) + _token_file_problems(config)
     context = None
     try:
         context = tls_context(config)
@@ -649,7 +649,8 @@ def run(config: Config, config_path: Path | None) -> int:
     notifier = Notifier.from_env(os.environ)
     try:
         return loops.run(
-            serve(config, config_path, notifier, ssl_context=context), config.server.event_loop
+            config.server.event_loop,
+            lambda: serve(config, config_path, notifier, ssl_context=context),
         )
     finally:
         lock.close()

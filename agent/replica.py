@@ -378,7 +378,12 @@ async def serve_replica(fd: int) -> int:
         )
         await site.start()
         await ipc.send(writer, ("ready", os.getpid()))
-        log.info("replica_listening", port=hello["port"], pid=os.getpid())
+        log.info(
+            "replica_listening",
+            port=hello["port"],
+            pid=os.getpid(),
+            event_loop=loops.running_kind(),
+        )
         await stop.wait()
         app[SERVICES].accepting = False
         await site.stop()
@@ -447,4 +452,4 @@ class _Commands:
 def run(fd: int, event_loop: EventLoop) -> int:
     """Entry point of ``edge-agent replica`` (on the primary's ``[server] event_loop``)."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    return loops.run(serve_replica(fd), event_loop)
+    return loops.run(event_loop, lambda: serve_replica(fd))

@@ -191,7 +191,11 @@ class _Connection(asyncio.Protocol):
         self._retire()
 
     def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests too, or it
+        # could pipeline up to the backlog limit (max_body_bytes) into our memory.
         self._writable = False
+        if self._reading and not self._gone and self._transport is not None:
+            self._pause_reading()
 
     def resume_writing(self) -> None:
         self._writable = True
@@ -379,6 +383,16 @@ class _Connection(asyncio.Protocol):
         self._retire()
         if self._transport is not None:
             self._transport.close()
+
+    @property
+    def writable(self) -> bool:
+        """False while the transport has paused writing (the client is not reading)."""
+        return self._writable
+
+    @property
+    def reading(self) -> bool:
+        """False while reading is paused (answers backed up, or a full backlog)."""
+        return self._reading
 
     @property
     def task(self) -> asyncio.Task[None] | None:

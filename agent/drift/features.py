@@ -279,16 +279,18 @@ def _redo_in_float64(values: npt.NDArray[Any], mean: FloatArray, std: FloatArray
 
 
 def _exact_constants(values: npt.NDArray[Any], mean: FloatArray, std: FloatArray) -> None:
-    """Make constant (row, channel)s exact: the value as mean, std 0 (rounding would leave
-    a mean an ulp off and a std of that ulp). Only those with a std tiny next to the mean
-    can be constant, and only those are checked (min == max)."""
+    """Make (row, channel)s whose spread is tiny next to their mean exact: constant ones
+    get the value as mean and std 0; the others are recomputed in float64, because the
+    float32 mean subtracted from every pixel is off by up to half an ulp of the mean, which
+    is then a large share of so small a spread. Only these can be affected."""
     maybe = std <= _CONSTANT_SPREAD * np.abs(mean)
     if maybe.any():
         pixels = values[maybe]
         low, high = pixels.min(axis=1), pixels.max(axis=1)
         constant = low == high
-        mean[maybe] = np.where(constant, low, mean[maybe])
-        std[maybe] = np.where(constant, 0.0, std[maybe])
+        exact = pixels.astype(np.float64)
+        mean[maybe] = np.where(constant, low, exact.mean(axis=1))
+        std[maybe] = np.where(constant, 0.0, exact.std(axis=1))
 
 
 def _runs(parts: Sequence[npt.NDArray[Any]], block: int) -> Iterator[list[npt.NDArray[Any]]]:

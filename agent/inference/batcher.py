@@ -35,6 +35,7 @@ This module must not know about HTTP or the registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable
@@ -288,10 +289,10 @@ class Batcher:
             if remaining <= 0 or self._inflight == 0:
                 return
             self._wakeup.clear()
-            try:
+            # A timeout is not the deadline: uvloop's timers round to whole milliseconds,
+            # so the loop re-reads the clock (agent/loops.py).
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return
 
     def _compatible_rows(self, key: tuple[Any, ...]) -> int:
         return sum(item.rows for item in self._pending if item.key == key)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -420,6 +422,47 @@ class TestHandOver:
 # --- the connection's rules -----------------------------------------------------------------
 
 
+#: 4096 x 64 values per request: 1 MiB of msgpack in, about 1 MB of JSON out.
+WIDE = 64
+WIDE_REQUESTS = 16  # 16 MB of answers: several times the kernel's socket buffers
+
+
+def _wide_request(request_id: str) -> bytes:
+    rows = np.arange(4096 * WIDE, dtype=np.float32).reshape(4096, WIDE) % 7
+    doc = {
+        "inputs": [{"name": "x", "shape": [4096, WIDE], "datatype": "FP32", "data": rows.tobytes()}]
+    }
+    headers = [
+        ("Content-Type", "application/msgpack"),
+        ("Accept", "application/json"),
+        ("X-Request-ID", request_id),
+    ]
+    return request(msgpack.packb(doc), headers, path="/v2/models/wide/infer")
+
+
+async def _slow_reader(agent: Agent) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose receive buffer is tiny, so unread answers back up at once."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(agent.url.rsplit(":", 1)[1])))
+    sock.setblocking(False)
+    return await asyncio.open_connection(sock=sock, limit=1 << 20)
+
+
+async def _until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def wide(make_agent: MakeAgent) -> Agent:
+    return await make_agent({"wide.onnx": modelgen.affine_model(1.0, 1.0, features=WIDE)})
+
+
 class TestConnection:
     async def test_split_delivery_is_reassembled(self, pair: tuple[Agent, Agent]) -> None:
         """A request arriving a few bytes at a time is served by the fast path."""
@@ -468,6 +511,45 @@ class TestConnection:
             await conn.send(json_request())
             assert (await conn.answer()).status == 200
             assert await conn.closed(timeout=5)
+
+    async def test_a_client_not_reading_its_answers_is_not_read_either(self, wide: Agent) -> None:
+        """Pipelined requests whose answers the client leaves unread: once the answers back
+        up (the transport pauses writing), the agent stops reading requests too, so they
+        wait in the client rather than in the agent's memory; when the client reads,
+        every answer arrives, in order, and reading resumes."""
+        reader, writer = await _slow_reader(wide)
+        conn = Conn(reader, writer)
+        try:
+            writer.write(b"".join(_wide_request(f"w{i}") for i in range(WIDE_REQUESTS)))
+            await _until(lambda: any(not c.writable for c in wide.site.connections))
+            (paused,) = wide.site.connections
+            reading_while_paused = paused.reading
+            answers = [await conn.answer(timeout=30) for _ in range(WIDE_REQUESTS)]
+            reading_after = paused.reading
+        finally:
+            writer.close()
+        assert reading_while_paused is False  # without the pause it reads on, to 64 MiB
+        assert reading_after is True
+        ids = [a.headers["x-request-id"] for a in answers]
+        assert ids == [f"w{i}" for i in range(WIDE_REQUESTS)]
+        assert {a.status for a in answers} == {200}
+        assert answers[-1].json()["outputs"][0]["data"][:3] == [1.0, 2.0, 3.0]
+
+    async def test_a_client_that_never_reads_is_closed_after_the_keepalive_timeout(
+        self, make_agent: MakeAgent
+    ) -> None:
+        """Answers left unread for keepalive_timeout_s: the agent closes the connection."""
+        agent = await make_agent(
+            {"wide.onnx": modelgen.affine_model(1.0, 1.0, features=WIDE)},
+            {"server": {"keepalive_timeout_s": 0.5}},
+        )
+        _, writer = await _slow_reader(agent)
+        try:
+            writer.write(b"".join(_wide_request(f"n{i}") for i in range(WIDE_REQUESTS)))
+            await _until(lambda: any(not c.writable for c in agent.site.connections))
+            await _until(lambda: not agent.site.connections)  # FastSite's open connections
+        finally:
+            writer.close()
 
     async def test_trickled_head_is_cut_off(
         self, make_agent: MakeAgent, models: dict[str, bytes]

@@ -16,9 +16,9 @@ from ops.daemonproc import REPO, WAIT_S, Daemon, call, running, wait_until
 ADMIN = "cli-admin-4b7e"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (*path, REPO))
     return subprocess.run(
         [sys.executable, "-m", "agent", *args],
         cwd=REPO,
@@ -46,6 +46,49 @@ class TestCheckConfig:
         path = tmp_path / "good.toml"
         path.write_text('[server]\nport = 9000\n\n[log]\nlevel = "debug"\n')
         result = _cli("check-config", str(path))
+        assert (result.returncode, result.stdout.strip()) == (0, f"{path}: ok")
+
+
+class TestEventLoopUnavailable:
+    @pytest.fixture
+    def no_uvloop(self, tmp_path: Path) -> Path:
+        """A directory whose ``uvloop`` fails to import, as on a box without it."""
+        fake = tmp_path / "fakes" / "uvloop"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text('raise ImportError("no uvloop on this box")\n')
+        return fake.parent
+
+    def _config(self, tmp_path: Path, loop: str) -> Path:
+        path = tmp_path / "agent.toml"
+        path.write_text(
+            f'[server]\nport = 0\nevent_loop = "{loop}"\n\n[models]\ndir = "{tmp_path}/models"'
+            f'\n\n[state]\ndir = "{tmp_path}/state"\n'
+        )
+        return path
+
+    @pytest.mark.parametrize("command", ["check-config", "run"])
+    def test_a_missing_uvloop_is_a_config_problem_with_the_way_out(
+        self, tmp_path: Path, no_uvloop: Path, command: str
+    ) -> None:
+        """check-config and run exit 2 naming the key, the cause and the setting to use."""
+        path = self._config(tmp_path, "uvloop")
+        args = (
+            ("check-config", str(path))
+            if command == "check-config"
+            else ("run", "--config", str(path))
+        )
+        result = _cli(*args, path=(no_uvloop,))
+        assert result.returncode == 2, result.stderr
+        assert (
+            "server.event_loop: uvloop cannot be imported (no uvloop on this box)" in result.stderr
+        )
+        assert 'event_loop = "asyncio"' in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_the_standard_loop_needs_no_uvloop(self, tmp_path: Path, no_uvloop: Path) -> None:
+        """With event_loop = "asyncio" the same box checks fine."""
+        path = self._config(tmp_path, "asyncio")
+        result = _cli("check-config", str(path), path=(no_uvloop,))
         assert (result.returncode, result.stdout.strip()) == (0, f"{path}: ok")
 
 

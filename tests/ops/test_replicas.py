@@ -110,9 +110,14 @@ def ok_infer(url: str, rid: str | None = None, version: int = 1) -> Reply:
     return reply
 
 
-def start(root: Path, models: dict[str, bytes]) -> AbstractContextManager[Daemon]:
-    """``running`` with two processes."""
-    return running(root, TWO_PROCESSES, models=models)
+def start(
+    root: Path, models: dict[str, bytes], event_loop: str | None = None
+) -> AbstractContextManager[Daemon]:
+    """``running`` with two processes (on the default event loop unless ``event_loop``)."""
+    sections = TWO_PROCESSES
+    if event_loop is not None:
+        sections = {**sections, "server": {**sections["server"], "event_loop": event_loop}}
+    return running(root, sections, models=models)
 
 
 def wait_replica_ready(agent: Daemon, after: int = 0) -> dict[str, Any]:
@@ -274,9 +279,13 @@ def logged_ids(state: Path) -> set[str]:
 
 
 class TestServing:
-    def test_both_processes_serve_and_metrics_add_up(self, tmp_path: Path, v1: bytes) -> None:
-        """Infer on either process; forwarded routes answer; one /metrics counts every request."""
-        with start(tmp_path, {"aff.onnx": v1}) as agent:
+    @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+    def test_both_processes_serve_and_metrics_add_up(
+        self, tmp_path: Path, v1: bytes, event_loop: str
+    ) -> None:
+        """Infer on either process; forwarded routes answer; one /metrics counts every
+        request; the replica runs on the primary's event loop."""
+        with start(tmp_path, {"aff.onnx": v1}, event_loop) as agent:
             ready = wait_replica_ready(agent)
             listening = agent.wait_for_event("replica_listening")
             ids = set()
@@ -307,6 +316,7 @@ class TestServing:
         assert len(ids) == 60  # generated ids (feedback keys) are unique across processes
         assert listening["replica"] == 1
         assert listening["pid"] == ready["pid"]
+        assert listening["event_loop"] == event_loop
         assert requests_total(samples, "200") == 60
         assert requests_total(samples, "400") == 20
         assert samples[READY] == 1

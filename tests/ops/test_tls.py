@@ -55,14 +55,16 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_certificate(tmp_path_factory.mktemp("pki"), "agent")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
 def tls_agent(
-    tmp_path_factory: pytest.TempPathFactory, certificate: tuple[Path, Path]
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    certificate: tuple[Path, Path],
 ) -> Iterator[Daemon]:
-    """An agent serving HTTPS only."""
+    """An agent serving HTTPS only, on each event loop (their TLS is not the same code)."""
     cert, key = certificate
     root = tmp_path_factory.mktemp("tls")
-    overrides = {"server": {"cert_file": cert, "key_file": key}}
+    overrides = {"server": {"cert_file": cert, "key_file": key, "event_loop": request.param}}
     with running(root, overrides, models={"aff.onnx": modelgen.affine_model(1.0, 1.0)}) as agent:
         yield agent
 
