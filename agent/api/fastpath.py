@@ -425,7 +425,11 @@ class _Connection(asyncio.Protocol):
             self._arm(limit)
             return
         if not self._writable and self._loop.time() - self._active >= limit:
-            self._close()  # the client has not read its answers for that long
+            # The client has not read its answers for that long. Abort, not close: a
+            # close waits to flush what it will never read, and would hold the socket.
+            self._retire()
+            if self._transport is not None:
+                self._transport.abort()
             return
         waited = self._loop.time() - (self._since if self._buf or self._head else self._active)
         if waited < limit:

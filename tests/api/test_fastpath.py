@@ -11,6 +11,7 @@ library's and uvloop, whose transports are another implementation of the same AP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import time
@@ -528,6 +529,7 @@ class TestConnection:
             reading_after = paused.reading
         finally:
             writer.close()
+            await writer.wait_closed()
         assert reading_while_paused is False  # without the pause it reads on, to 64 MiB
         assert reading_after is True
         ids = [a.headers["x-request-id"] for a in answers]
@@ -549,7 +551,9 @@ class TestConnection:
             await _until(lambda: any(not c.writable for c in agent.site.connections))
             await _until(lambda: not agent.site.connections)  # FastSite's open connections
         finally:
-            writer.close()
+            writer.transport.abort()  # ours still holds unsent requests: drop them now
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     async def test_trickled_head_is_cut_off(
         self, make_agent: MakeAgent, models: dict[str, bytes]
