@@ -309,9 +309,7 @@ class _Connection(asyncio.Protocol):
         if exc is not None:  # _respond answers every failure: this is a bug in this module
             log.error("fast_path_failed", exc_info=exc)
             self._untrack()
-            self._retire()
-            if self._transport is not None:
-                self._transport.abort()
+            self._abort()
             return
         if self._closing:
             self._close()
@@ -384,6 +382,13 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _abort(self) -> None:
+        """Close at once, dropping unsent answers: a close would wait to flush them, and a
+        client that does not read would hold the socket for as long as it stays."""
+        self._retire()
+        if self._transport is not None:
+            self._transport.abort()
+
     @property
     def writable(self) -> bool:
         """False while the transport has paused writing (the client is not reading)."""
@@ -425,11 +430,7 @@ class _Connection(asyncio.Protocol):
             self._arm(limit)
             return
         if not self._writable and self._loop.time() - self._active >= limit:
-            # The client has not read its answers for that long. Abort, not close: a
-            # close waits to flush what it will never read, and would hold the socket.
-            self._retire()
-            if self._transport is not None:
-                self._transport.abort()
+            self._abort()  # the client has not read its answers for that long
             return
         waited = self._loop.time() - (self._since if self._buf or self._head else self._active)
         if waited < limit:
