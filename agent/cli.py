@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, get_args
 
-from agent import __version__
+from agent import __version__, loops
 from agent import config as config_module
 from agent.config import EventLoop
 from agent.errors import AgentError, ConfigError
@@ -126,8 +126,6 @@ def _cmd_replica(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from agent import loops
-
     config = config_module.load(args.path)
     problems = loops.problems(config)
     if problems:
